@@ -1,0 +1,288 @@
+"""Margins for preference datasets: `MarginAnnotator` (a `Dataset.map` function) and `annotate_margins`.
+
+``margin = chosen_safety - rejected_safety``, each the projection of the pooled hidden state of
+prompt + response on the direction's unit vector: positive means chosen is the safer response.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .direction import SafetyDirection
+from .formatting import InputError, TextTemplate, to_conversation
+from .hidden_states import TextReader, load_model, resolve_device
+
+logger = logging.getLogger(__name__)
+
+COLUMN_TYPES = {"margin": "float64", "chosen_safety": "float64", "rejected_safety": "float64",
+                "truncated": "bool", "margin_raw": "float64", "margin_level": "int64"}
+_IMPORT_PID = os.getpid()  # differs from os.getpid() only in a forked child of the importing process
+
+
+class MarginAnnotator:
+    """A batched ``Dataset.map`` function adding ``margin``, ``chosen_safety``, ``rejected_safety`` and
+    ``truncated`` columns.
+
+    With ``model=None`` the model the direction records is loaded. The annotator pickles (and hashes,
+    for the ``datasets`` cache) as the direction plus options and the model id, never the weights, so
+    two annotators built the same way share a fingerprint and ``num_proc`` workers reload the model.
+    Works with ``with_indices=True`` (errors then name dataset rows) and ``with_rank=True`` (worker
+    ``rank`` uses ``cuda:{rank % n_gpus}`` when GPUs exist, else the CPU).
+
+    ``scale`` multiplies margins (``margin_raw`` keeps the projection difference); ``bin_edges`` maps
+    the scaled margin to a level (``margin_level``; ``margin`` becomes ``levels[level]``).
+    Empty responses are valid: the text is then prompt plus template, never NaN.
+    """
+
+    def __init__(
+        self,
+        direction: SafetyDirection,
+        model: str | os.PathLike[str] | nn.Module | None = None,
+        tokenizer: Any = None,
+        *,
+        prompt_column: str = "prompt",
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
+        scale: float | None = None,
+        bin_edges: Sequence[float] | None = None,
+        levels: Sequence[float] | None = None,
+        max_length: int | None = None,
+        max_tokens_per_batch: int = 8192,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        revision: str | None = None,
+        check_model_id: bool = True,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.direction = direction
+        self.prompt_column, self.chosen_column, self.rejected_column = prompt_column, chosen_column, rejected_column
+        self.scale = scale
+        self.bin_edges = list(bin_edges) if bin_edges is not None else None
+        if self.bin_edges is not None:
+            if sorted(self.bin_edges) != self.bin_edges:
+                raise ValueError(f"bin_edges must be increasing, got {self.bin_edges}")
+            self.levels = list(levels) if levels is not None else list(range(len(self.bin_edges) + 1))
+            if len(self.levels) != len(self.bin_edges) + 1:
+                raise ValueError(f"{len(self.bin_edges)} bin edges need {len(self.bin_edges) + 1} levels, "
+                                 f"got {len(self.levels)}")
+        else:
+            self.levels = None
+        self.max_length = max_length or direction.max_length
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.device = str(device) if device is not None else None
+        self.dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
+        self.trust_remote_code = trust_remote_code
+        self.check_model_id = check_model_id
+        if model is None:
+            model, revision = direction.model_id, revision or direction.model_revision
+        self.model_ref: Any = model if isinstance(model, nn.Module) else str(model)
+        self.revision = revision
+        self.tokenizer_ref = tokenizer
+        self._reader: TextReader | None = None
+        self._warned_truncation = False
+        self._load(self.device)
+
+    # `datasets` hashes the pickled state for its cache fingerprint, and num_proc workers unpickle it.
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_reader", "_warned_truncation")}
+        model = self.model_ref
+        if isinstance(model, nn.Module) and getattr(model.config, "_name_or_path", ""):
+            # Reloadable by name: keep identity, not weights.
+            state["model_ref"] = str(model.config._name_or_path)
+            state["model_dtype"] = str(next(model.parameters()).dtype)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        dtype = state.pop("model_dtype", None)
+        self.__dict__.update(state)
+        if dtype is not None and self.dtype is None:
+            self.dtype = dtype.removeprefix("torch.")
+        self._reader = None
+        self._warned_truncation = False
+
+    def _load(self, device: str | None) -> TextReader:
+        model, tokenizer = load_model(self.model_ref, self.tokenizer_ref, revision=self.revision,
+                                      dtype=self.dtype, device=device, trust_remote_code=self.trust_remote_code)
+        self.direction.check_model(model, check_model_id=self.check_model_id)
+        self._reader = TextReader(
+            model, tokenizer, layers=[self.direction.layer], pooling=self.direction.pooling,
+            template=TextTemplate.resolve(self.direction.template, tokenizer),
+            max_length=self.max_length, max_tokens_per_batch=self.max_tokens_per_batch,
+        )
+        return self._reader
+
+    def _reader_for(self, rank: int | None) -> TextReader:
+        if self._reader is not None:
+            return self._reader
+        if os.getpid() != _IMPORT_PID and torch.get_num_threads() > 1:
+            # A forked worker inherits the parent's OpenMP pool, which can deadlock: use one thread.
+            torch.set_num_threads(1)
+        device = self.device
+        if rank is not None and torch.cuda.is_available():
+            device = f"cuda:{rank % torch.cuda.device_count()}"
+        return self._load(device or str(resolve_device(None)))
+
+    @property
+    def new_columns(self) -> list[str]:
+        columns = ["margin", "chosen_safety", "rejected_safety", "truncated"]
+        if self.scale is not None or self.bin_edges is not None:
+            columns.append("margin_raw")
+        if self.bin_edges is not None:
+            columns.append("margin_level")
+        return columns
+
+    def features(self) -> dict[str, str]:
+        """Arrow value types of the new columns (for ``Dataset.map(features=...)``)."""
+        return {c: COLUMN_TYPES[c] for c in self.new_columns}
+
+    def __call__(self, batch: dict[str, list[Any]], *extra: Any) -> dict[str, list[Any]]:
+        indices, rank = _indices_and_rank(extra)
+        for column in (self.chosen_column, self.rejected_column):
+            if column not in batch:
+                raise KeyError(f"column {column!r} not found; the dataset has {sorted(batch)} "
+                               f"(set chosen_column=/rejected_column=)")
+        chosen, rejected = batch[self.chosen_column], batch[self.rejected_column]
+        if isinstance(chosen, str):
+            raise TypeError("MarginAnnotator is a batched map function: use dataset.map(annotator, batched=True)")
+        n = len(chosen)
+        prompts = batch.get(self.prompt_column, [None] * n)
+        has_prompt = self.prompt_column in batch
+        rows: list[int | str] = list(indices) if indices is not None else [f"{i} of this batch" for i in range(n)]
+        conversations = []
+        for side, responses in ((self.chosen_column, chosen), (self.rejected_column, rejected)):
+            for i in range(n):
+                if has_prompt and prompts[i] is None:
+                    raise InputError(f"column {self.prompt_column!r}, row {rows[i]}: expected text or messages, "
+                                     "got None")
+                conversations.append(to_conversation(prompts[i], responses[i], prompt_column=self.prompt_column,
+                                                     response_column=side, row=rows[i]))
+        if n == 0:
+            return {c: [] for c in self.new_columns}
+        reader = self._reader_for(rank)
+        states, truncated = reader.read(conversations)
+        projections = states[self.direction.layer].double() @ self.direction.unit.double()
+        chosen_safety, rejected_safety = projections[:n], projections[n:]
+        raw = chosen_safety - rejected_safety
+        flags = [a or b for a, b in zip(truncated[:n], truncated[n:])]
+        if any(flags) and not self._warned_truncation:
+            self._warned_truncation = True
+            logger.warning(
+                "%d of %d pairs in this batch exceed %d tokens: their prompts lost tokens from the start "
+                "(the response end is kept); see the 'truncated' column", sum(flags), n, reader.max_length)
+        out: dict[str, list[Any]] = {
+            "margin": raw.tolist(),
+            "chosen_safety": chosen_safety.tolist(),
+            "rejected_safety": rejected_safety.tolist(),
+            "truncated": flags,
+        }
+        if self.scale is not None or self.bin_edges is not None:
+            out["margin_raw"] = out["margin"]
+            out.update(rescale(out["margin_raw"], self.scale, self.bin_edges, self.levels))
+        return out
+
+
+def rescale(
+    raw: Sequence[float], scale: float | None, bin_edges: Sequence[float] | None, levels: Sequence[float] | None
+) -> dict[str, list[Any]]:
+    """``margin`` (scaled, or the level of its bin) and, with bins, ``margin_level``."""
+    scaled = torch.tensor(list(raw), dtype=torch.float64) * (1.0 if scale is None else scale)
+    if bin_edges is None or levels is None:
+        return {"margin": scaled.tolist()}
+    index = torch.bucketize(scaled, torch.tensor(list(bin_edges), dtype=torch.float64), right=True)
+    return {"margin": [float(levels[i]) for i in index.tolist()], "margin_level": index.tolist()}
+
+
+def _indices_and_rank(extra: tuple[Any, ...]) -> tuple[Sequence[int] | None, int | None]:
+    """`datasets` passes ``indices`` (with_indices) then ``rank`` (with_rank) positionally."""
+    indices: Sequence[int] | None = None
+    rank: int | None = None
+    for value in extra:
+        if isinstance(value, (list, range)):
+            indices = value
+        elif isinstance(value, int) or value is None:
+            rank = value
+    return indices, rank
+
+
+def annotate_margins(
+    dataset: Any,
+    direction: SafetyDirection,
+    *,
+    model: str | os.PathLike[str] | nn.Module | None = None,
+    tokenizer: Any = None,
+    scale: str | float | None = None,
+    bins: int | None = None,
+    levels: Sequence[float] | None = None,
+    batch_size: int = 64,
+    num_proc: int | None = None,
+    load_from_cache_file: bool | None = None,
+    **options: Any,
+) -> Any:
+    """Annotate a ``Dataset`` (or ``IterableDataset``) with margins; returns the dataset with new columns.
+
+    Args:
+        scale: ``None`` (raw projections), ``"standardize"`` (divide by the margins' standard deviation,
+            which keeps signs) or a fixed factor.
+        bins: equal-frequency bins over the (scaled) margins; ``margin`` becomes the bin's level
+            (``levels``, default ``0..bins-1``) and ``margin_level`` the bin index. The paper bins margins
+            for robustness.
+        options: passed to :class:`MarginAnnotator` (column names, ``max_length``, ``device``, ``dtype``...).
+    """
+    from datasets import Dataset, Features, Value
+
+    needs_stats = scale == "standardize" or bins is not None
+    fixed_scale = None if scale in (None, "standardize") else float(scale)  # type: ignore[arg-type]
+    annotator = MarginAnnotator(direction, model, tokenizer, scale=fixed_scale, **options)
+    features = None
+    if getattr(dataset, "features", None) is not None:
+        features = Features({**dataset.features, **{c: Value(t) for c, t in annotator.features().items()}})
+    if not isinstance(dataset, Dataset):
+        if needs_stats:
+            raise ValueError("scale='standardize' and bins need the whole dataset: with an IterableDataset pass "
+                             "MarginAnnotator(scale=<factor>, bin_edges=[...]) fitted on a sample instead")
+        return dataset.map(annotator, batched=True, batch_size=batch_size, with_indices=True, features=features)
+    map_kwargs: dict[str, Any] = dict(batched=True, batch_size=batch_size, with_indices=True, features=features,
+                                      load_from_cache_file=load_from_cache_file, desc="legend-hf margins")
+    if num_proc and num_proc > 1:
+        map_kwargs.update(num_proc=num_proc, with_rank=True)
+    annotated = dataset.map(annotator, **map_kwargs)
+    settings: dict[str, Any] = {"direction": direction.source or direction.model_id,
+                                "direction_fingerprint": direction.fingerprint(), "scale": scale, "bins": bins}
+    if needs_stats:
+        raw = torch.tensor(annotated["margin"], dtype=torch.float64)
+        factor = fixed_scale if fixed_scale is not None else (
+            1.0 / float(raw.std()) if len(raw) > 1 and float(raw.std()) > 0 else 1.0)
+        edges = None
+        if bins is not None:
+            if bins < 2:
+                raise ValueError(f"bins must be at least 2, got {bins}")
+            quantiles = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1]
+            edges = torch.quantile(raw * factor, quantiles).tolist() if len(raw) else [0.0] * (bins - 1)
+            levels = list(levels) if levels is not None else list(range(bins))
+            if len(levels) != bins:
+                raise ValueError(f"{bins} bins need {bins} levels, got {len(levels)}")
+        settings.update(scale_factor=factor, bin_edges=edges, levels=levels)
+        new = ["margin_raw", "margin_level"] if bins is not None else ["margin_raw"]
+        features = Features({**annotated.features, **{c: Value(COLUMN_TYPES[c]) for c in new}})
+        annotated = annotated.map(_Rescale(factor, edges, levels), batched=True, batch_size=1000, features=features,
+                                  desc="legend-hf scaling", load_from_cache_file=load_from_cache_file)
+    annotated.info.description = json.dumps({"legend_hf": settings})
+    return annotated
+
+
+class _Rescale:
+    """Second pass of ``annotate_margins``: apply dataset-wide scale and bins."""
+
+    def __init__(self, factor: float, edges: list[float] | None, levels: Sequence[float] | None) -> None:
+        self.factor, self.edges, self.levels = factor, edges, levels
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        raw = batch["margin_raw"] if "margin_raw" in batch else batch["margin"]
+        return {"margin_raw": raw, **rescale(raw, self.factor, self.edges, self.levels)}

@@ -1,0 +1,264 @@
+"""`SafetyDirection`: the fitted vector(s) and everything needed to reuse them, as a Hub artifact.
+
+An artifact folder holds ``direction.safetensors`` (one fp32 vector per fitted layer, string metadata),
+``direction_config.json`` (provenance and options) and a ``README.md`` card. Loading reads only
+safetensors and JSON, validates everything, and never runs remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "direction.safetensors"
+CONFIG_NAME = "direction_config.json"
+SIGN_CONVENTION = "margin = (h(prompt+chosen) - h(prompt+rejected)) . u; positive means chosen is safer"
+_UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy")
+
+
+class DirectionModelWarning(UserWarning):
+    """The model in use has another id than the one the direction was fitted on (same shapes)."""
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass
+class SafetyDirection:
+    """A safety direction in one model's hidden space: the Standard Margin Vector and its provenance.
+
+    ``vectors`` maps a hidden-state index (0 = embeddings, ``num_layers`` = last hidden state) to the
+    unnormalised direction, oriented so that safer text projects higher; ``layer`` is the one used for
+    margins.
+    """
+
+    vectors: dict[int, torch.Tensor]
+    layer: int
+    model_id: str
+    hidden_size: int
+    num_layers: int
+    pooling: str
+    template: str
+    method: str = "mean_diff"
+    model_revision: str | None = None
+    model_type: str | None = None
+    refusals: list[str] = field(default_factory=list)
+    max_length: int | None = None
+    fit_data: dict[str, Any] = field(default_factory=dict)
+    layer_scores: dict[int, dict[str, float]] = field(default_factory=dict)
+    library_version: str = field(default_factory=_library_version)
+    # Where the artifact was loaded from (not saved): a local folder or a Hub repo id, and its commit.
+    source: str | None = field(default=None, compare=False)
+    source_revision: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        self.vectors = {int(k): v.detach().to(torch.float32).cpu().reshape(-1) for k, v in self.vectors.items()}
+        if self.layer not in self.vectors:
+            raise ValueError(f"layer {self.layer} has no vector; fitted layers: {sorted(self.vectors)}")
+        for k, v in self.vectors.items():
+            if v.numel() != self.hidden_size:
+                raise ValueError(f"vector of layer {k} has {v.numel()} values, expected hidden_size={self.hidden_size}")
+            if not torch.isfinite(v).all():
+                raise ValueError(f"vector of layer {k} holds NaN or inf")
+            if float(v.norm()) == 0.0:
+                raise ValueError(f"vector of layer {k} is all zeros")
+
+    @property
+    def vector(self) -> torch.Tensor:
+        """The unnormalised direction at ``layer``."""
+        return self.vectors[self.layer]
+
+    @property
+    def unit(self) -> torch.Tensor:
+        """The unit direction at ``layer``: margins are projections on it."""
+        return self.vector / self.vector.norm()
+
+    def select_layer(self, layer: int) -> SafetyDirection:
+        """A copy that scores with another fitted layer (Python-style index)."""
+        from dataclasses import replace
+
+        return replace(self, layer=layer % (self.num_layers + 1))
+
+    def config_dict(self) -> dict[str, Any]:
+        """The JSON config: everything but the vectors and the load source."""
+        data = asdict(self)
+        for key in ("vectors", "source", "source_revision"):
+            data.pop(key)
+        data["layers"] = sorted(self.vectors)
+        data["layer_scores"] = {str(k): v for k, v in sorted(self.layer_scores.items())}
+        return {"format_version": FORMAT_VERSION, **data, "sign_convention": SIGN_CONVENTION}
+
+    def fingerprint(self) -> str:
+        """A stable hash of the vectors and config, used for `datasets` cache fingerprints."""
+        digest = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode())
+        for k in sorted(self.vectors):
+            digest.update(self.vectors[k].numpy().tobytes())
+        return digest.hexdigest()[:32]
+
+    def check_model(self, model: torch.nn.Module, *, check_model_id: bool = True) -> None:
+        """Raise before any compute if ``model`` cannot host this direction; warn on another model id."""
+        config = model.config
+        hidden = getattr(config, "hidden_size", None)
+        from .hidden_states import num_layers
+
+        if hidden != self.hidden_size or num_layers(model) != self.num_layers:
+            raise ValueError(
+                f"direction fitted on {self.model_id!r} (hidden_size={self.hidden_size}, "
+                f"{self.num_layers} layers) cannot be used with {getattr(config, '_name_or_path', '?')!r} "
+                f"(hidden_size={hidden}, {num_layers(model)} layers)"
+            )
+        name = str(getattr(config, "_name_or_path", "") or "")
+        if check_model_id and name and self.model_id and _short(name) != _short(self.model_id):
+            warnings.warn(
+                f"direction was fitted on {self.model_id!r} but the model in use is {name!r}; margins are only "
+                "meaningful on the same model (silence with check_model_id=False)",
+                DirectionModelWarning,
+                stacklevel=3,
+            )
+
+    # ----- persistence -------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *, card: bool = True) -> Path:
+        """Write ``direction.safetensors``, ``direction_config.json`` and (with ``card``) a README.md card."""
+        from safetensors.torch import save_file
+
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {f"layer_{k}": v.contiguous() for k, v in self.vectors.items()}
+        metadata = {"format": "pt", "format_version": str(FORMAT_VERSION), "layer": str(self.layer),
+                    "model_id": self.model_id, "library": "legend-hf"}
+        save_file(tensors, str(path / WEIGHTS_NAME), metadata=metadata)
+        (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2, ensure_ascii=False) + "\n")
+        if card:
+            from .cards import direction_card
+
+            direction_card(self).save(path / "README.md")
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_name_or_path: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> SafetyDirection:
+        """Load from a local folder, else from a Hub repo through ``hf_hub_download`` (cache and offline aware)."""
+        path = Path(pretrained_name_or_path)
+        if path.is_dir():
+            _refuse_pickles(path)
+            direction = cls._load(path / CONFIG_NAME, path / WEIGHTS_NAME)
+            direction.source = str(path)
+            return direction
+        from huggingface_hub import hf_hub_download
+
+        repo_id = str(pretrained_name_or_path)
+        kwargs: dict[str, Any] = dict(repo_id=repo_id, revision=revision, cache_dir=cache_dir,
+                                      force_download=force_download, token=token, local_files_only=local_files_only)
+        config_file = hf_hub_download(filename=CONFIG_NAME, **kwargs)
+        weights_file = hf_hub_download(filename=WEIGHTS_NAME, **kwargs)
+        direction = cls._load(Path(config_file), Path(weights_file))
+        direction.source = repo_id
+        match = re.search(r"snapshots/([0-9a-f]{40})/", Path(config_file).as_posix())
+        direction.source_revision = match.group(1) if match else revision
+        return direction
+
+    @classmethod
+    def _load(cls, config_file: Path, weights_file: Path) -> SafetyDirection:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: not a legend-hf direction folder")
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_file} is not valid JSON ({e})") from e
+        version = config.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{config_file} has format_version {version!r}; this legend-hf reads version {FORMAT_VERSION} "
+                "(upgrade legend-hf to read newer artifacts)"
+            )
+        if not weights_file.is_file():
+            raise FileNotFoundError(f"{weights_file} not found next to {config_file.name}")
+        try:
+            tensors = load_file(str(weights_file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{weights_file} is not a valid safetensors file ({e}); re-save the direction") from e
+        vectors: dict[int, torch.Tensor] = {}
+        for key, tensor in tensors.items():
+            if not re.fullmatch(r"layer_\d+", key):
+                raise ValueError(f"{weights_file}: unexpected tensor {key!r} (expected layer_<index>)")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{weights_file}: tensor {key!r} holds NaN or inf")
+            vectors[int(key.split("_")[1])] = tensor
+        layers = config.pop("layers", None)
+        if layers is not None and sorted(layers) != sorted(vectors):
+            raise ValueError(f"{weights_file} holds layers {sorted(vectors)} but {config_file.name} lists {layers}")
+        config.pop("sign_convention", None)
+        config["layer_scores"] = {int(k): v for k, v in config.get("layer_scores", {}).items()}
+        known = {f for f in cls.__dataclass_fields__ if f not in ("vectors", "source", "source_revision")}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"{config_file}: unknown fields {sorted(unknown)}")
+        try:
+            return cls(vectors=vectors, **config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{config_file} / {weights_file.name}: {e}") from e
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload legend-hf safety direction",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """``create_repo(exist_ok=True)`` then ``upload_folder`` of what ``save_pretrained`` writes."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+                                     revision=revision, create_pr=create_pr)
+
+    def __repr__(self) -> str:
+        return (f"SafetyDirection(model_id={self.model_id!r}, layer={self.layer}/{self.num_layers}, "
+                f"method={self.method!r}, pooling={self.pooling!r}, template={self.template[:40]!r}, "
+                f"layers={sorted(self.vectors)})")
+
+
+def _short(model_id: str) -> str:
+    return model_id.rstrip("/").split("/")[-1].lower()
+
+
+def _refuse_pickles(path: Path) -> None:
+    if (path / WEIGHTS_NAME).is_file():
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _UNSAFE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{path} has no {WEIGHTS_NAME} but {pickles}: legend-hf loads only safetensors and JSON "
+            "(never pickles); convert the vectors with safetensors.torch.save_file"
+        )

@@ -1,0 +1,238 @@
+"""`fit_direction`: the Standard Margin Vector (Legend) and its PCA / logistic-probe variants.
+
+Each harmful (prompt, response) is contrasted with a safe response to the same prompt: a refusal
+(default "I can't answer that.", as in the paper) or a row of ``harmless``. One forward pass reads
+every requested layer; per-layer held-out scores are recorded and ``layer="auto"`` picks the best.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .direction import SafetyDirection
+from .evaluation import roc_auc
+from .formatting import Message, TextTemplate, to_conversation
+from .hidden_states import TextReader, default_pooling, load_model, model_identity, normalize_layer, num_layers
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REFUSAL = "I can't answer that."
+METHODS = ("mean_diff", "pca", "logistic")
+Conversation = tuple[list[Message], str]
+
+
+def read_rows(rows: Any, *, prompt_column: str, response_column: str, name: str) -> list[Conversation]:
+    """(prompt messages, response) for each row of a ``datasets.Dataset`` or a list of dicts."""
+    if hasattr(rows, "column_names"):
+        missing = [c for c in (prompt_column, response_column) if c not in rows.column_names]
+        if missing:
+            raise KeyError(f"{name}: missing column(s) {missing}; it has {rows.column_names}")
+        columns = (rows[prompt_column], rows[response_column])
+        pairs: Iterable[tuple[Any, Any]] = zip(*columns)
+    else:
+        rows = list(rows)
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise ValueError(f"{name}: row {i} must be a dict with {prompt_column!r} and {response_column!r}")
+            for column in (prompt_column, response_column):
+                if column not in row:
+                    raise KeyError(f"{name}: row {i} has no {column!r} key")
+        pairs = ((row[prompt_column], row[response_column]) for row in rows)
+    out = []
+    for i, (prompt, response) in enumerate(pairs):
+        if prompt is None:
+            raise ValueError(f"{name}: column {prompt_column!r}, row {i}: expected text or messages, got None")
+        out.append(to_conversation(prompt, response, prompt_column=f"{name}.{prompt_column}",
+                                   response_column=f"{name}.{response_column}", row=i))
+    if not out:
+        raise ValueError(f"{name} is empty: a direction needs at least one example")
+    return out
+
+
+def direction_from_states(safe: torch.Tensor, harmful: torch.Tensor, method: str, *, paired: bool) -> torch.Tensor:
+    """The direction (safer projects higher) from pooled states ``(n, hidden)`` of safe and harmful texts."""
+    safe, harmful = safe.double(), harmful.double()
+    if method == "mean_diff":
+        vector = safe.mean(0) - harmful.mean(0)
+    elif method == "pca":
+        if not paired:
+            raise ValueError("method='pca' needs paired data: harmless must have one row per harmful row")
+        diffs = safe - harmful
+        # First right singular vector of the uncentred differences (RepE's PCA with random sign flips).
+        vector = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
+    elif method == "logistic":
+        vector = _logistic_direction(safe, harmful)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if float((safe.mean(0) - harmful.mean(0)) @ vector) < 0:
+        vector = -vector
+    return vector.float()
+
+
+def _logistic_direction(safe: torch.Tensor, harmful: torch.Tensor, l2: float = 1e-2) -> torch.Tensor:
+    """Weights of an L2-regularised logistic probe (safe = 1), mapped back to raw hidden-state space."""
+    x = torch.cat([safe, harmful])
+    y = torch.cat([torch.ones(len(safe)), torch.zeros(len(harmful))]).double()
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mean) / std
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w @ w)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return (w / std).detach()
+
+
+def layer_scores(
+    safe: torch.Tensor, harmful: torch.Tensor, method: str, *, paired: bool, holdout: float, seed: int
+) -> dict[str, float]:
+    """Held-out scores of one layer: pair sign accuracy and AUC of safe vs harmful projections."""
+    n = min(len(safe), len(harmful))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
+    n_test = max(1, round(n * holdout))
+    test, train = order[:n_test], order[n_test:]
+    vector = direction_from_states(safe[train], harmful[train], method, paired=paired)
+    unit = vector / vector.norm()
+    s, h = safe[test] @ unit, harmful[test] @ unit
+    auc = roc_auc([*s.tolist(), *h.tolist()], [1] * len(s) + [0] * len(h))
+    return {"accuracy": float((s > h).double().mean()), "auc": auc, "n_heldout": float(n_test)}
+
+
+def fit_direction(
+    model: str | os.PathLike[str] | nn.Module,
+    harmful: Any,
+    *,
+    harmless: Any = None,
+    tokenizer: Any = None,
+    layer: int | Sequence[int] | str = -1,
+    pooling: str | None = None,
+    method: str = "mean_diff",
+    template: str | None = None,
+    refusals: str | Sequence[str] | None = None,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    max_length: int | None = None,
+    holdout: float = 0.2,
+    seed: int = 0,
+    description: str | None = None,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    max_tokens_per_batch: int = 8192,
+    trust_remote_code: bool = False,
+) -> SafetyDirection:
+    """Fit a safety direction on an annotator model.
+
+    Args:
+        model: a Hub id, a local folder, or a loaded transformers model (its base model is used).
+        harmful: a ``datasets.Dataset`` or list of dicts with ``prompt`` and ``response`` (harmful answers).
+        harmless: same shape, safe answers. ``None`` pairs each harmful prompt with a refusal from
+            ``refusals`` (cycled when there are several; default ``"I can't answer that."``).
+        layer: an index (Python-style, ``-1`` = last hidden state), a list of indices, or ``"auto"``
+            (every block; the best held-out AUC wins). All are read in one forward pass.
+        pooling: ``"last"`` (default for decoders) or ``"mean"`` (default for encoders).
+        method: ``"mean_diff"`` (the paper's SMV), ``"pca"`` or ``"logistic"``.
+        template: ``"auto"`` (chat template if any, else Alpaca), ``"chat"``, ``"alpaca"``, ``"none"`` or a
+            format string with ``{prompt}`` and ``{response}``.
+        holdout: share of pairs held out to score each layer (scores only; the final vector uses all pairs).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    harmful_rows = read_rows(harmful, prompt_column=prompt_column, response_column=response_column, name="harmful")
+    if harmless is None:
+        refusal_list = [refusals] if isinstance(refusals, str) else list(refusals or [DEFAULT_REFUSAL])
+        if not refusal_list or not all(isinstance(r, str) for r in refusal_list):
+            raise ValueError("refusals must be a string or a non-empty list of strings")
+        safe_rows = [(prompt, refusal_list[i % len(refusal_list)]) for i, (prompt, _) in enumerate(harmful_rows)]
+        paired = True
+    else:
+        refusal_list = []
+        safe_rows = read_rows(harmless, prompt_column=prompt_column, response_column=response_column,
+                              name="harmless")
+        paired = len(safe_rows) == len(harmful_rows)
+
+    base, tokenizer = load_model(model, tokenizer, revision=revision, dtype=dtype, device=device,
+                                 trust_remote_code=trust_remote_code)
+    n_layers = num_layers(base)
+    if layer == "auto":
+        candidates = list(range(1, n_layers + 1))
+    elif isinstance(layer, int):
+        candidates = [normalize_layer(layer, n_layers)]
+    elif isinstance(layer, str):
+        raise ValueError(f"layer must be an int, a list of ints or 'auto', got {layer!r}")
+    else:
+        candidates = sorted({normalize_layer(x, n_layers) for x in layer})
+    pooling = pooling or default_pooling(base)
+    text_template = TextTemplate.resolve(template, tokenizer)
+    reader = TextReader(base, tokenizer, layers=candidates, pooling=pooling, template=text_template,
+                        max_length=max_length, max_tokens_per_batch=max_tokens_per_batch)
+    states, truncated = reader.read([*harmful_rows, *safe_rows])
+    if any(truncated):
+        logger.warning("%d of %d fit texts were longer than %d tokens and lost their start",
+                       sum(truncated), len(truncated), reader.max_length)
+    n = len(harmful_rows)
+    scores: dict[int, dict[str, float]] = {}
+    if min(n, len(safe_rows)) >= 5 and 0 < holdout < 1:
+        for k in candidates:
+            scores[k] = layer_scores(states[k][n:], states[k][:n], method, paired=paired, holdout=holdout, seed=seed)
+    if layer == "auto":
+        if not scores:
+            raise ValueError("layer='auto' needs at least 5 harmful and 5 safe examples to score layers")
+        chosen = max(candidates, key=lambda k: (scores[k]["auc"], scores[k]["accuracy"], k))
+    else:
+        chosen = candidates[-1] if isinstance(layer, int) else max(
+            candidates, key=lambda k: (scores.get(k, {}).get("auc", 0.0), k))
+    vectors = {k: direction_from_states(states[k][n:], states[k][:n], method, paired=paired) for k in candidates}
+    model_id, model_revision = model_identity(base)
+    if not model_id and isinstance(model, (str, os.PathLike)):
+        model_id = str(model)
+    fit_data = {
+        "description": description or _describe(harmful, harmless),
+        "n_harmful": n,
+        "n_harmless": len(safe_rows),
+        "paired": paired,
+        "n_truncated": sum(truncated),
+        "seed": seed,
+        "holdout": holdout,
+    }
+    return SafetyDirection(
+        vectors=vectors,
+        layer=chosen,
+        model_id=model_id,
+        model_revision=model_revision or revision,
+        model_type=base.config.model_type,
+        hidden_size=base.config.hidden_size,
+        num_layers=n_layers,
+        pooling=pooling,
+        template=text_template.kind,
+        method=method,
+        refusals=refusal_list,
+        max_length=reader.max_length,
+        fit_data=fit_data,
+        layer_scores=scores,
+    )
+
+
+def _describe(harmful: Any, harmless: Any) -> str:
+    def one(data: Any) -> str:
+        if hasattr(data, "info") and hasattr(data, "_fingerprint"):
+            name = data.info.dataset_name or "datasets.Dataset"
+            return f"{name} (fingerprint {data._fingerprint})"
+        return "a list of dicts"
+
+    safe = "refusals" if harmless is None else one(harmless)
+    return f"harmful: {one(harmful)}; safe: {safe}"

@@ -1,0 +1,328 @@
+"""Pooled hidden states from any transformers base model, stopping the forward pass at the layer needed.
+
+Layer indices follow ``output_hidden_states``: 0 is the embedding output, ``k`` the output of block
+``k``, and the last index (``-1``) the model's ``last_hidden_state`` (after the final norm, where the
+architecture has one). Texts are batched by a token budget in length order, padded on the tokenizer's
+side with position ids taken from the attention mask, so results do not depend on batch size, padding
+side or row order.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("last", "mean")
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the deepest layer needed has run."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    model: str | os.PathLike[str] | nn.Module,
+    tokenizer: Any = None,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Any]:
+    """Load the base model (no LM head) and its tokenizer from a Hub id, a local folder or an object.
+
+    A loaded ``*ForCausalLM`` is reduced to its base model (``model.base_model``) so the LM head never runs.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    if isinstance(model, nn.Module):
+        loaded = model
+        if tokenizer is None:
+            name = getattr(getattr(model, "config", None), "_name_or_path", "")
+            if not name:
+                raise ValueError("pass tokenizer= with a model object that has no name_or_path to load one from")
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    else:
+        kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        loaded = AutoModel.from_pretrained(str(model), dtype=dtype or torch.float32, **kwargs)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(model), **kwargs)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=trust_remote_code)
+    base = getattr(loaded, "base_model", loaded)
+    if dtype is not None:
+        base = base.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    base = base.to(resolve_device(device)).eval()
+    return base, tokenizer
+
+
+def model_identity(model: nn.Module) -> tuple[str, str | None]:
+    """(model id or path, commit sha when the Hub told us one)."""
+    config = model.config
+    return str(getattr(config, "_name_or_path", "") or ""), getattr(config, "_commit_hash", None)
+
+
+def is_decoder(model: nn.Module) -> bool:
+    """Causal LMs (by their recorded architecture, or a model type that has only causal heads)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    config = model.config
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return any("CausalLM" in a or "LMHeadModel" in a for a in architectures)
+    if getattr(config, "is_decoder", False):
+        return True
+    kind = config.model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def default_pooling(model: nn.Module) -> str:
+    """Last token for decoders (the paper's choice), mean over tokens for encoders."""
+    return "last" if is_decoder(model) else "mean"
+
+
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks: the ModuleList whose length is ``num_hidden_layers``."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(find_layers(model))
+
+
+def normalize_layer(layer: int, n_layers: int) -> int:
+    """Python-style index into the ``n_layers + 1`` hidden states (``-1`` = last)."""
+    if not -(n_layers + 1) <= layer <= n_layers:
+        raise ValueError(f"layer {layer} is out of range for a model with {n_layers} layers "
+                         f"(valid: {-(n_layers + 1)} to {n_layers})")
+    return layer % (n_layers + 1)
+
+
+@dataclass
+class Encoded:
+    """Token ids of a list of texts, and which of them were truncated."""
+
+    input_ids: list[list[int]]
+    truncated: list[bool]
+
+
+def tokenize(
+    tokenizer: Any, texts: Sequence[str], *, max_length: int, add_special_tokens: bool
+) -> Encoded:
+    """Tokenise once; over-long texts lose tokens from the *start* so the response end stays visible.
+
+    A leading special token (BOS/CLS) is kept. Nothing is truncated silently: callers count and flag it.
+    """
+    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    out, truncated = [], []
+    for row in ids:
+        if len(row) <= max_length:
+            out.append(list(row))
+            truncated.append(False)
+            continue
+        head = [row[0]] if row and row[0] in special else []
+        out.append(head + list(row[len(row) - (max_length - len(head)):]))
+        truncated.append(True)
+    return Encoded(out, truncated)
+
+
+def context_length(model: nn.Module, tokenizer: Any) -> int:
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(usable) if usable else 2048
+
+
+def length_batches(lengths: Sequence[int], *, max_tokens: int, max_batch_size: int | None = None) -> list[list[int]]:
+    """Indices grouped longest first, each batch's padded size (rows x longest) within ``max_tokens``."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        full = max_batch_size is not None and len(current) >= max_batch_size
+        if current and (full or (len(current) + 1) * longest > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad(input_ids: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for r, row in enumerate(input_ids):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[r, span] = torch.tensor(row, dtype=torch.long)
+        mask[r, span] = 1
+    return ids, mask
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool in fp32 over real tokens only (pad positions may hold garbage, even NaN)."""
+    hidden = hidden.float()
+    keep = mask.bool().unsqueeze(-1)
+    if pooling == "mean":
+        summed = torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)).sum(1)
+        return summed / mask.sum(1, keepdim=True).clamp(min=1).to(hidden.dtype)
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask.bool(), positions, -1).max(dim=1).values
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+class LayerReader:
+    """Reads pooled hidden states at a set of layers, running blocks only up to the deepest one."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], pooling: str) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.model = model
+        self.blocks = find_layers(model)
+        self.n_layers = len(self.blocks)
+        self.layers = sorted({normalize_layer(x, self.n_layers) for x in layers})
+        self.pooling = pooling
+        params = inspect.signature(model.forward).parameters
+        self._extra_inputs = {"position_ids", "use_cache"} & set(params)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Pooled fp32 states ``{layer: (batch, hidden)}`` for one padded batch."""
+        captured: dict[int, torch.Tensor] = {}
+        deepest = self.layers[-1]
+        handles = []
+
+        def capture(index: int) -> Any:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                tensor = output[0] if isinstance(output, tuple) else output
+                captured[index] = pool(tensor, attention_mask, self.pooling)
+                if index == deepest:
+                    raise _StopForward
+
+            return hook
+
+        def capture_input(module: nn.Module, args: Any, kwargs: Any) -> None:
+            tensor = args[0] if args else kwargs["hidden_states"]
+            captured[0] = pool(tensor, attention_mask, self.pooling)
+            if deepest == 0:
+                raise _StopForward
+
+        for index in self.layers:
+            if index == 0:
+                handles.append(self.blocks[0].register_forward_pre_hook(capture_input, with_kwargs=True))
+            elif index < self.n_layers:
+                handles.append(self.blocks[index - 1].register_forward_hook(capture(index)))
+        device = self.device
+        attention_mask = attention_mask.to(device)
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention_mask}
+        if "position_ids" in self._extra_inputs:
+            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if "use_cache" in self._extra_inputs:
+            kwargs["use_cache"] = False
+        try:
+            output = self.model(**kwargs)
+            captured[self.n_layers] = pool(output.last_hidden_state, attention_mask, self.pooling)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {k: captured[k].cpu() for k in self.layers}
+
+    def read(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        *,
+        pad_id: int,
+        padding_side: str = "right",
+        max_tokens: int = 8192,
+        max_batch_size: int | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Pooled states of every text, in input order, batched by ``max_tokens`` in length order."""
+        hidden_size = self.model.config.hidden_size
+        out = {k: torch.empty((len(input_ids), hidden_size), dtype=torch.float32) for k in self.layers}
+        lengths = [len(x) for x in input_ids]
+        for i, row in enumerate(input_ids):
+            if not row:
+                raise ValueError(f"text {i} has no tokens: give it a template or a non-empty prompt/response")
+        for batch in length_batches(lengths, max_tokens=max_tokens, max_batch_size=max_batch_size):
+            ids, mask = pad([input_ids[i] for i in batch], pad_id, padding_side)
+            states = self(ids, mask)
+            for k in self.layers:
+                out[k][batch] = states[k]
+        return out
+
+
+class TextReader:
+    """Format, tokenise and read (prompt messages, response) pairs: the one path fitting and annotation share."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        layers: Sequence[int],
+        pooling: str,
+        template: Any,
+        max_length: int | None = None,
+        max_tokens_per_batch: int = 8192,
+        batch_size: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        self.layer_reader = LayerReader(model, layers, pooling)
+        self.max_length = max_length or context_length(model, tokenizer)
+        self.max_tokens_per_batch = max(max_tokens_per_batch, self.max_length)
+        self.batch_size = batch_size
+        pad_id = tokenizer.pad_token_id
+        self.pad_id = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)
+
+    def texts(self, conversations: Sequence[tuple[list[dict[str, str]], str]]) -> list[str]:
+        return [self.template.render(self.tokenizer, prompt, response) for prompt, response in conversations]
+
+    def read(
+        self, conversations: Sequence[tuple[list[dict[str, str]], str]]
+    ) -> tuple[dict[int, torch.Tensor], list[bool]]:
+        """Pooled fp32 states ``{layer: (n, hidden)}`` in input order, and a truncated flag per text."""
+        encoded = tokenize(self.tokenizer, self.texts(conversations), max_length=self.max_length,
+                           add_special_tokens=self.template.adds_special_tokens)
+        states = self.layer_reader.read(
+            encoded.input_ids,
+            pad_id=self.pad_id,
+            padding_side=getattr(self.tokenizer, "padding_side", "right") or "right",
+            max_tokens=self.max_tokens_per_batch,
+            max_batch_size=self.batch_size,
+        )
+        return states, encoded.truncated
