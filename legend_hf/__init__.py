@@ -19,7 +19,15 @@ _EXPORTS = {
     "TextTemplate": "formatting",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "DirectionModelWarning",
+    "MarginAnnotator",
+    "SafetyDirection",
+    "TextTemplate",
+    "annotate_margins",
+    "fit_direction",
+]
 
 if TYPE_CHECKING:
     from .annotate import MarginAnnotator, annotate_margins

@@ -16,13 +16,19 @@ import torch
 from torch import nn
 
 from .direction import SafetyDirection
-from .formatting import InputError, TextTemplate, to_conversation
+from .formatting import InputError, Message, TextTemplate, to_conversation
 from .hidden_states import TextReader, load_model, resolve_device
 
 logger = logging.getLogger(__name__)
 
-COLUMN_TYPES = {"margin": "float64", "chosen_safety": "float64", "rejected_safety": "float64",
-                "truncated": "bool", "margin_raw": "float64", "margin_level": "int64"}
+COLUMN_TYPES = {
+    "margin": "float64",
+    "chosen_safety": "float64",
+    "rejected_safety": "float64",
+    "truncated": "bool",
+    "margin_raw": "float64",
+    "margin_level": "int64",
+}
 _IMPORT_PID = os.getpid()  # differs from os.getpid() only in a forked child of the importing process
 
 
@@ -38,7 +44,8 @@ class MarginAnnotator:
 
     ``scale`` multiplies margins (``margin_raw`` keeps the projection difference); ``bin_edges`` maps
     the scaled margin to a level (``margin_level``; ``margin`` becomes ``levels[level]``).
-    Empty responses are valid: the text is then prompt plus template, never NaN.
+    Empty responses are valid: the text is then prompt plus template, never NaN. The model loads at
+    construction (so a mismatched direction fails before any compute) unless ``lazy=True``.
     """
 
     def __init__(
@@ -60,20 +67,28 @@ class MarginAnnotator:
         revision: str | None = None,
         check_model_id: bool = True,
         trust_remote_code: bool = False,
+        lazy: bool = False,
     ) -> None:
         self.direction = direction
-        self.prompt_column, self.chosen_column, self.rejected_column = prompt_column, chosen_column, rejected_column
+        self.prompt_column, self.chosen_column, self.rejected_column = (
+            prompt_column,
+            chosen_column,
+            rejected_column,
+        )
         self.scale = scale
         self.bin_edges = list(bin_edges) if bin_edges is not None else None
+        self.levels: list[float] | None = None
         if self.bin_edges is not None:
             if sorted(self.bin_edges) != self.bin_edges:
                 raise ValueError(f"bin_edges must be increasing, got {self.bin_edges}")
-            self.levels = list(levels) if levels is not None else list(range(len(self.bin_edges) + 1))
+            self.levels = [
+                float(x) for x in (levels if levels is not None else range(len(self.bin_edges) + 1))
+            ]
             if len(self.levels) != len(self.bin_edges) + 1:
-                raise ValueError(f"{len(self.bin_edges)} bin edges need {len(self.bin_edges) + 1} levels, "
-                                 f"got {len(self.levels)}")
-        else:
-            self.levels = None
+                raise ValueError(
+                    f"{len(self.bin_edges)} bin edges need {len(self.bin_edges) + 1} levels, "
+                    f"got {len(self.levels)}"
+                )
         self.max_length = max_length or direction.max_length
         self.max_tokens_per_batch = max_tokens_per_batch
         self.device = str(device) if device is not None else None
@@ -87,15 +102,20 @@ class MarginAnnotator:
         self.tokenizer_ref = tokenizer
         self._reader: TextReader | None = None
         self._warned_truncation = False
-        self._load(self.device)
+        if not lazy:
+            self._load(self.device)
 
     # `datasets` hashes the pickled state for its cache fingerprint, and num_proc workers unpickle it.
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("_reader", "_warned_truncation")}
         model = self.model_ref
-        if isinstance(model, nn.Module) and getattr(model.config, "_name_or_path", ""):
-            # Reloadable by name: keep identity, not weights.
-            state["model_ref"] = str(model.config._name_or_path)
+        name = (
+            getattr(getattr(model, "config", None), "_name_or_path", "")
+            if isinstance(model, nn.Module)
+            else ""
+        )
+        if name:  # reloadable by name: keep identity, not weights
+            state["model_ref"] = str(name)
             state["model_dtype"] = str(next(model.parameters()).dtype)
         return state
 
@@ -108,13 +128,23 @@ class MarginAnnotator:
         self._warned_truncation = False
 
     def _load(self, device: str | None) -> TextReader:
-        model, tokenizer = load_model(self.model_ref, self.tokenizer_ref, revision=self.revision,
-                                      dtype=self.dtype, device=device, trust_remote_code=self.trust_remote_code)
+        model, tokenizer = load_model(
+            self.model_ref,
+            self.tokenizer_ref,
+            revision=self.revision,
+            dtype=self.dtype,
+            device=device,
+            trust_remote_code=self.trust_remote_code,
+        )
         self.direction.check_model(model, check_model_id=self.check_model_id)
         self._reader = TextReader(
-            model, tokenizer, layers=[self.direction.layer], pooling=self.direction.pooling,
+            model,
+            tokenizer,
+            layers=[self.direction.layer],
+            pooling=self.direction.pooling,
             template=TextTemplate.resolve(self.direction.template, tokenizer),
-            max_length=self.max_length, max_tokens_per_batch=self.max_tokens_per_batch,
+            max_length=self.max_length,
+            max_tokens_per_batch=self.max_tokens_per_batch,
         )
         return self._reader
 
@@ -128,6 +158,24 @@ class MarginAnnotator:
         if rank is not None and torch.cuda.is_available():
             device = f"cuda:{rank % torch.cuda.device_count()}"
         return self._load(device or str(resolve_device(None)))
+
+    def safety(
+        self, conversations: Sequence[tuple[list[Message], str]], *, rank: int | None = None
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """Safety scores (fp64 projections on the unit direction) of (prompt messages, response) pairs,
+        and which texts were truncated (warned about once per annotator)."""
+        reader = self._reader_for(rank)
+        states, truncated = reader.read(conversations)
+        if any(truncated) and not self._warned_truncation:
+            self._warned_truncation = True
+            logger.warning(
+                "%d of %d texts exceed %d tokens: their prompts lost tokens from the start (the response end "
+                "is kept); see the 'truncated' column",
+                sum(truncated),
+                len(truncated),
+                reader.max_length,
+            )
+        return states[self.direction.layer].double() @ self.direction.unit.double(), truncated
 
     @property
     def new_columns(self) -> list[str]:
@@ -146,36 +194,43 @@ class MarginAnnotator:
         indices, rank = _indices_and_rank(extra)
         for column in (self.chosen_column, self.rejected_column):
             if column not in batch:
-                raise KeyError(f"column {column!r} not found; the dataset has {sorted(batch)} "
-                               f"(set chosen_column=/rejected_column=)")
+                raise KeyError(
+                    f"column {column!r} not found; the dataset has {sorted(batch)} "
+                    f"(set chosen_column=/rejected_column=)"
+                )
         chosen, rejected = batch[self.chosen_column], batch[self.rejected_column]
         if isinstance(chosen, str):
-            raise TypeError("MarginAnnotator is a batched map function: use dataset.map(annotator, batched=True)")
+            raise TypeError(
+                "MarginAnnotator is a batched map function: use dataset.map(annotator, batched=True)"
+            )
         n = len(chosen)
         prompts = batch.get(self.prompt_column, [None] * n)
         has_prompt = self.prompt_column in batch
-        rows: list[int | str] = list(indices) if indices is not None else [f"{i} of this batch" for i in range(n)]
+        rows: list[int | str] = (
+            list(indices) if indices is not None else [f"{i} of this batch" for i in range(n)]
+        )
         conversations = []
         for side, responses in ((self.chosen_column, chosen), (self.rejected_column, rejected)):
             for i in range(n):
                 if has_prompt and prompts[i] is None:
-                    raise InputError(f"column {self.prompt_column!r}, row {rows[i]}: expected text or messages, "
-                                     "got None")
-                conversations.append(to_conversation(prompts[i], responses[i], prompt_column=self.prompt_column,
-                                                     response_column=side, row=rows[i]))
+                    raise InputError(
+                        f"column {self.prompt_column!r}, row {rows[i]}: expected text or messages, got None"
+                    )
+                conversations.append(
+                    to_conversation(
+                        prompts[i],
+                        responses[i],
+                        prompt_column=self.prompt_column,
+                        response_column=side,
+                        row=rows[i],
+                    )
+                )
         if n == 0:
             return {c: [] for c in self.new_columns}
-        reader = self._reader_for(rank)
-        states, truncated = reader.read(conversations)
-        projections = states[self.direction.layer].double() @ self.direction.unit.double()
+        projections, truncated = self.safety(conversations, rank=rank)
         chosen_safety, rejected_safety = projections[:n], projections[n:]
         raw = chosen_safety - rejected_safety
-        flags = [a or b for a, b in zip(truncated[:n], truncated[n:])]
-        if any(flags) and not self._warned_truncation:
-            self._warned_truncation = True
-            logger.warning(
-                "%d of %d pairs in this batch exceed %d tokens: their prompts lost tokens from the start "
-                "(the response end is kept); see the 'truncated' column", sum(flags), n, reader.max_length)
+        flags = [a or b for a, b in zip(truncated[:n], truncated[n:], strict=True)]
         out: dict[str, list[Any]] = {
             "margin": raw.tolist(),
             "chosen_safety": chosen_safety.tolist(),
@@ -189,7 +244,10 @@ class MarginAnnotator:
 
 
 def rescale(
-    raw: Sequence[float], scale: float | None, bin_edges: Sequence[float] | None, levels: Sequence[float] | None
+    raw: Sequence[float],
+    scale: float | None,
+    bin_edges: Sequence[float] | None,
+    levels: Sequence[float] | None,
 ) -> dict[str, list[Any]]:
     """``margin`` (scaled, or the level of its bin) and, with bins, ``margin_level``."""
     scaled = torch.tensor(list(raw), dtype=torch.float64) * (1.0 if scale is None else scale)
@@ -245,20 +303,41 @@ def annotate_margins(
         features = Features({**dataset.features, **{c: Value(t) for c, t in annotator.features().items()}})
     if not isinstance(dataset, Dataset):
         if needs_stats:
-            raise ValueError("scale='standardize' and bins need the whole dataset: with an IterableDataset pass "
-                             "MarginAnnotator(scale=<factor>, bin_edges=[...]) fitted on a sample instead")
-        return dataset.map(annotator, batched=True, batch_size=batch_size, with_indices=True, features=features)
-    map_kwargs: dict[str, Any] = dict(batched=True, batch_size=batch_size, with_indices=True, features=features,
-                                      load_from_cache_file=load_from_cache_file, desc="legend-hf margins")
+            raise ValueError(
+                "scale='standardize' and bins need the whole dataset: with an IterableDataset pass "
+                "MarginAnnotator(scale=<factor>, bin_edges=[...]) fitted on a sample instead"
+            )
+        return dataset.map(
+            annotator, batched=True, batch_size=batch_size, with_indices=True, features=features
+        )
+    if len(dataset) == 0:  # `map` skips the function on no rows, and with it the new columns
+        post = ["margin_raw", "margin_level"] if bins is not None else ["margin_raw"] if needs_stats else []
+        features = Features({**(features or {}), **{c: Value(COLUMN_TYPES[c]) for c in post}})
+        return Dataset.from_dict({c: [] for c in features}, features=features)
+    map_kwargs: dict[str, Any] = dict(
+        batched=True,
+        batch_size=batch_size,
+        with_indices=True,
+        features=features,
+        load_from_cache_file=load_from_cache_file,
+        desc="legend-hf margins",
+    )
     if num_proc and num_proc > 1:
         map_kwargs.update(num_proc=num_proc, with_rank=True)
     annotated = dataset.map(annotator, **map_kwargs)
-    settings: dict[str, Any] = {"direction": direction.source or direction.model_id,
-                                "direction_fingerprint": direction.fingerprint(), "scale": scale, "bins": bins}
+    settings: dict[str, Any] = {
+        "direction": direction.source or direction.model_id,
+        "direction_fingerprint": direction.fingerprint(),
+        "scale": scale,
+        "bins": bins,
+    }
     if needs_stats:
         raw = torch.tensor(annotated["margin"], dtype=torch.float64)
-        factor = fixed_scale if fixed_scale is not None else (
-            1.0 / float(raw.std()) if len(raw) > 1 and float(raw.std()) > 0 else 1.0)
+        factor = (
+            fixed_scale
+            if fixed_scale is not None
+            else (1.0 / float(raw.std()) if len(raw) > 1 and float(raw.std()) > 0 else 1.0)
+        )
         edges = None
         if bins is not None:
             if bins < 2:
@@ -271,8 +350,14 @@ def annotate_margins(
         settings.update(scale_factor=factor, bin_edges=edges, levels=levels)
         new = ["margin_raw", "margin_level"] if bins is not None else ["margin_raw"]
         features = Features({**annotated.features, **{c: Value(COLUMN_TYPES[c]) for c in new}})
-        annotated = annotated.map(_Rescale(factor, edges, levels), batched=True, batch_size=1000, features=features,
-                                  desc="legend-hf scaling", load_from_cache_file=load_from_cache_file)
+        annotated = annotated.map(
+            _Rescale(factor, edges, levels),
+            batched=True,
+            batch_size=1000,
+            features=features,
+            desc="legend-hf scaling",
+            load_from_cache_file=load_from_cache_file,
+        )
     annotated.info.description = json.dumps({"legend_hf": settings})
     return annotated
 

@@ -36,7 +36,7 @@ def _library_version() -> str:
     return __version__
 
 
-@dataclass
+@dataclass(eq=False)  # tensors have no truth value: compare with fingerprint()
 class SafetyDirection:
     """A safety direction in one model's hidden space: the Standard Margin Vector and its provenance.
 
@@ -65,12 +65,16 @@ class SafetyDirection:
     source_revision: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        self.vectors = {int(k): v.detach().to(torch.float32).cpu().reshape(-1) for k, v in self.vectors.items()}
+        self.vectors = {
+            int(k): v.detach().to(torch.float32).cpu().reshape(-1) for k, v in self.vectors.items()
+        }
         if self.layer not in self.vectors:
             raise ValueError(f"layer {self.layer} has no vector; fitted layers: {sorted(self.vectors)}")
         for k, v in self.vectors.items():
             if v.numel() != self.hidden_size:
-                raise ValueError(f"vector of layer {k} has {v.numel()} values, expected hidden_size={self.hidden_size}")
+                raise ValueError(
+                    f"vector of layer {k} has {v.numel()} values, expected hidden_size={self.hidden_size}"
+                )
             if not torch.isfinite(v).all():
                 raise ValueError(f"vector of layer {k} holds NaN or inf")
             if float(v.norm()) == 0.0:
@@ -138,14 +142,19 @@ class SafetyDirection:
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {f"layer_{k}": v.contiguous() for k, v in self.vectors.items()}
-        metadata = {"format": "pt", "format_version": str(FORMAT_VERSION), "layer": str(self.layer),
-                    "model_id": self.model_id, "library": "legend-hf"}
+        metadata = {
+            "format": "pt",
+            "format_version": str(FORMAT_VERSION),
+            "layer": str(self.layer),
+            "model_id": self.model_id,
+            "library": "legend-hf",
+        }
         save_file(tensors, str(path / WEIGHTS_NAME), metadata=metadata)
         (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2, ensure_ascii=False) + "\n")
         if card:
-            from .cards import direction_card
+            from .cards import write_direction_card
 
-            direction_card(self).save(path / "README.md")
+            write_direction_card(self, path)
         return path
 
     @classmethod
@@ -169,8 +178,14 @@ class SafetyDirection:
         from huggingface_hub import hf_hub_download
 
         repo_id = str(pretrained_name_or_path)
-        kwargs: dict[str, Any] = dict(repo_id=repo_id, revision=revision, cache_dir=cache_dir,
-                                      force_download=force_download, token=token, local_files_only=local_files_only)
+        kwargs: dict[str, Any] = dict(
+            repo_id=repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
+        )
         config_file = hf_hub_download(filename=CONFIG_NAME, **kwargs)
         weights_file = hf_hub_download(filename=WEIGHTS_NAME, **kwargs)
         direction = cls._load(Path(config_file), Path(weights_file))
@@ -201,7 +216,9 @@ class SafetyDirection:
         try:
             tensors = load_file(str(weights_file))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{weights_file} is not a valid safetensors file ({e}); re-save the direction") from e
+            raise ValueError(
+                f"{weights_file} is not a valid safetensors file ({e}); re-save the direction"
+            ) from e
         vectors: dict[int, torch.Tensor] = {}
         for key, tensor in tensors.items():
             if not re.fullmatch(r"layer_\d+", key):
@@ -211,7 +228,9 @@ class SafetyDirection:
             vectors[int(key.split("_")[1])] = tensor
         layers = config.pop("layers", None)
         if layers is not None and sorted(layers) != sorted(vectors):
-            raise ValueError(f"{weights_file} holds layers {sorted(vectors)} but {config_file.name} lists {layers}")
+            raise ValueError(
+                f"{weights_file} holds layers {sorted(vectors)} but {config_file.name} lists {layers}"
+            )
         config.pop("sign_convention", None)
         config["layer_scores"] = {int(k): v for k, v in config.get("layer_scores", {}).items()}
         known = {f for f in cls.__dataclass_fields__ if f not in ("vectors", "source", "source_revision")}
@@ -239,14 +258,24 @@ class SafetyDirection:
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
-                                     revision=revision, create_pr=create_pr)
+            self.save_pretrained(tmp, card=False)
+            from .cards import write_direction_card
+
+            write_direction_card(self, tmp, repo_id=repo_id)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     def __repr__(self) -> str:
-        return (f"SafetyDirection(model_id={self.model_id!r}, layer={self.layer}/{self.num_layers}, "
-                f"method={self.method!r}, pooling={self.pooling!r}, template={self.template[:40]!r}, "
-                f"layers={sorted(self.vectors)})")
+        return (
+            f"SafetyDirection(model_id={self.model_id!r}, layer={self.layer}/{self.num_layers}, "
+            f"method={self.method!r}, pooling={self.pooling!r}, template={self.template[:40]!r}, "
+            f"layers={sorted(self.vectors)})"
+        )
 
 
 def _short(model_id: str) -> str:

@@ -18,7 +18,14 @@ from torch import nn
 from .direction import SafetyDirection
 from .evaluation import roc_auc
 from .formatting import Message, TextTemplate, to_conversation
-from .hidden_states import TextReader, default_pooling, load_model, model_identity, normalize_layer, num_layers
+from .hidden_states import (
+    TextReader,
+    default_pooling,
+    load_model,
+    model_identity,
+    normalize_layer,
+    num_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +41,14 @@ def read_rows(rows: Any, *, prompt_column: str, response_column: str, name: str)
         if missing:
             raise KeyError(f"{name}: missing column(s) {missing}; it has {rows.column_names}")
         columns = (rows[prompt_column], rows[response_column])
-        pairs: Iterable[tuple[Any, Any]] = zip(*columns)
+        pairs: Iterable[tuple[Any, Any]] = zip(*columns, strict=True)
     else:
         rows = list(rows)
         for i, row in enumerate(rows):
             if not isinstance(row, Mapping):
-                raise ValueError(f"{name}: row {i} must be a dict with {prompt_column!r} and {response_column!r}")
+                raise ValueError(
+                    f"{name}: row {i} must be a dict with {prompt_column!r} and {response_column!r}"
+                )
             for column in (prompt_column, response_column):
                 if column not in row:
                     raise KeyError(f"{name}: row {i} has no {column!r} key")
@@ -47,15 +56,26 @@ def read_rows(rows: Any, *, prompt_column: str, response_column: str, name: str)
     out = []
     for i, (prompt, response) in enumerate(pairs):
         if prompt is None:
-            raise ValueError(f"{name}: column {prompt_column!r}, row {i}: expected text or messages, got None")
-        out.append(to_conversation(prompt, response, prompt_column=f"{name}.{prompt_column}",
-                                   response_column=f"{name}.{response_column}", row=i))
+            raise ValueError(
+                f"{name}: column {prompt_column!r}, row {i}: expected text or messages, got None"
+            )
+        out.append(
+            to_conversation(
+                prompt,
+                response,
+                prompt_column=f"{name}.{prompt_column}",
+                response_column=f"{name}.{response_column}",
+                row=i,
+            )
+        )
     if not out:
         raise ValueError(f"{name} is empty: a direction needs at least one example")
     return out
 
 
-def direction_from_states(safe: torch.Tensor, harmful: torch.Tensor, method: str, *, paired: bool) -> torch.Tensor:
+def direction_from_states(
+    safe: torch.Tensor, harmful: torch.Tensor, method: str, *, paired: bool
+) -> torch.Tensor:
     """The direction (safer projects higher) from pooled states ``(n, hidden)`` of safe and harmful texts."""
     safe, harmful = safe.double(), harmful.double()
     if method == "mean_diff":
@@ -152,21 +172,27 @@ def fit_direction(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    harmful_rows = read_rows(harmful, prompt_column=prompt_column, response_column=response_column, name="harmful")
+    harmful_rows = read_rows(
+        harmful, prompt_column=prompt_column, response_column=response_column, name="harmful"
+    )
     if harmless is None:
         refusal_list = [refusals] if isinstance(refusals, str) else list(refusals or [DEFAULT_REFUSAL])
         if not refusal_list or not all(isinstance(r, str) for r in refusal_list):
             raise ValueError("refusals must be a string or a non-empty list of strings")
-        safe_rows = [(prompt, refusal_list[i % len(refusal_list)]) for i, (prompt, _) in enumerate(harmful_rows)]
+        safe_rows = [
+            (prompt, refusal_list[i % len(refusal_list)]) for i, (prompt, _) in enumerate(harmful_rows)
+        ]
         paired = True
     else:
         refusal_list = []
-        safe_rows = read_rows(harmless, prompt_column=prompt_column, response_column=response_column,
-                              name="harmless")
+        safe_rows = read_rows(
+            harmless, prompt_column=prompt_column, response_column=response_column, name="harmless"
+        )
         paired = len(safe_rows) == len(harmful_rows)
 
-    base, tokenizer = load_model(model, tokenizer, revision=revision, dtype=dtype, device=device,
-                                 trust_remote_code=trust_remote_code)
+    base, tokenizer = load_model(
+        model, tokenizer, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
     n_layers = num_layers(base)
     if layer == "auto":
         candidates = list(range(1, n_layers + 1))
@@ -178,25 +204,44 @@ def fit_direction(
         candidates = sorted({normalize_layer(x, n_layers) for x in layer})
     pooling = pooling or default_pooling(base)
     text_template = TextTemplate.resolve(template, tokenizer)
-    reader = TextReader(base, tokenizer, layers=candidates, pooling=pooling, template=text_template,
-                        max_length=max_length, max_tokens_per_batch=max_tokens_per_batch)
+    reader = TextReader(
+        base,
+        tokenizer,
+        layers=candidates,
+        pooling=pooling,
+        template=text_template,
+        max_length=max_length,
+        max_tokens_per_batch=max_tokens_per_batch,
+    )
     states, truncated = reader.read([*harmful_rows, *safe_rows])
     if any(truncated):
-        logger.warning("%d of %d fit texts were longer than %d tokens and lost their start",
-                       sum(truncated), len(truncated), reader.max_length)
+        logger.warning(
+            "%d of %d fit texts were longer than %d tokens and lost their start",
+            sum(truncated),
+            len(truncated),
+            reader.max_length,
+        )
     n = len(harmful_rows)
     scores: dict[int, dict[str, float]] = {}
     if min(n, len(safe_rows)) >= 5 and 0 < holdout < 1:
         for k in candidates:
-            scores[k] = layer_scores(states[k][n:], states[k][:n], method, paired=paired, holdout=holdout, seed=seed)
+            scores[k] = layer_scores(
+                states[k][n:], states[k][:n], method, paired=paired, holdout=holdout, seed=seed
+            )
     if layer == "auto":
         if not scores:
             raise ValueError("layer='auto' needs at least 5 harmful and 5 safe examples to score layers")
         chosen = max(candidates, key=lambda k: (scores[k]["auc"], scores[k]["accuracy"], k))
     else:
-        chosen = candidates[-1] if isinstance(layer, int) else max(
-            candidates, key=lambda k: (scores.get(k, {}).get("auc", 0.0), k))
-    vectors = {k: direction_from_states(states[k][n:], states[k][:n], method, paired=paired) for k in candidates}
+        chosen = (
+            candidates[-1]
+            if isinstance(layer, int)
+            else max(candidates, key=lambda k: (scores.get(k, {}).get("auc", 0.0), k))
+        )
+    vectors = {
+        k: direction_from_states(states[k][n:], states[k][:n], method, paired=paired) for k in candidates
+    }
+    config: Any = base.config
     model_id, model_revision = model_identity(base)
     if not model_id and isinstance(model, (str, os.PathLike)):
         model_id = str(model)
@@ -214,8 +259,8 @@ def fit_direction(
         layer=chosen,
         model_id=model_id,
         model_revision=model_revision or revision,
-        model_type=base.config.model_type,
-        hidden_size=base.config.hidden_size,
+        model_type=config.model_type,
+        hidden_size=config.hidden_size,
         num_layers=n_layers,
         pooling=pooling,
         template=text_template.kind,

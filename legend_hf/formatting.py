@@ -27,11 +27,13 @@ class InputError(ValueError):
     """A row holds a value of the wrong type or shape; the message names row and column."""
 
 
-def _where(column: str, row: int | None) -> str:
+def _where(column: str, row: int | str | None) -> str:
     return f"column {column!r}" + (f", row {row}" if row is not None else "")
 
 
-def parse_hh_dialogue(text: str, *, column: str = "chosen", row: int | None = None) -> tuple[list[Message], str]:
+def parse_hh_dialogue(
+    text: str, *, column: str = "chosen", row: int | str | None = None
+) -> tuple[list[Message], str]:
     """Split an HH-RLHF dialogue into prompt messages and the final assistant response."""
     parts = _HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text)
     # parts = [preamble, role, content, role, content, ...]
@@ -49,7 +51,7 @@ def is_hh_dialogue(text: Any) -> bool:
     return isinstance(text, str) and "\n\nAssistant:" in text and "Human:" in text
 
 
-def _check_messages(value: list[Any], column: str, row: int | None) -> list[Message]:
+def _check_messages(value: list[Any], column: str, row: int | str | None) -> list[Message]:
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise InputError(
@@ -59,7 +61,7 @@ def _check_messages(value: list[Any], column: str, row: int | None) -> list[Mess
 
 
 def to_conversation(
-    prompt: Any, response: Any, *, prompt_column: str, response_column: str, row: int | None = None
+    prompt: Any, response: Any, *, prompt_column: str, response_column: str, row: int | str | None = None
 ) -> tuple[list[Message], str]:
     """Normalise one (prompt, response) pair to (prompt messages, response text).
 

@@ -55,7 +55,9 @@ def load_model(
         if tokenizer is None:
             name = getattr(getattr(model, "config", None), "_name_or_path", "")
             if not name:
-                raise ValueError("pass tokenizer= with a model object that has no name_or_path to load one from")
+                raise ValueError(
+                    "pass tokenizer= with a model object that has no name_or_path to load one from"
+                )
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     else:
         kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -86,7 +88,7 @@ def is_decoder(model: nn.Module) -> bool:
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    config = model.config
+    config: Any = model.config
     architectures = getattr(config, "architectures", None) or []
     if architectures:
         return any("CausalLM" in a or "LMHeadModel" in a for a in architectures)
@@ -117,8 +119,10 @@ def num_layers(model: nn.Module) -> int:
 def normalize_layer(layer: int, n_layers: int) -> int:
     """Python-style index into the ``n_layers + 1`` hidden states (``-1`` = last)."""
     if not -(n_layers + 1) <= layer <= n_layers:
-        raise ValueError(f"layer {layer} is out of range for a model with {n_layers} layers "
-                         f"(valid: {-(n_layers + 1)} to {n_layers})")
+        raise ValueError(
+            f"layer {layer} is out of range for a model with {n_layers} layers "
+            f"(valid: {-(n_layers + 1)} to {n_layers})"
+        )
     return layer % (n_layers + 1)
 
 
@@ -130,9 +134,7 @@ class Encoded:
     truncated: list[bool]
 
 
-def tokenize(
-    tokenizer: Any, texts: Sequence[str], *, max_length: int, add_special_tokens: bool
-) -> Encoded:
+def tokenize(tokenizer: Any, texts: Sequence[str], *, max_length: int, add_special_tokens: bool) -> Encoded:
     """Tokenise once; over-long texts lose tokens from the *start* so the response end stays visible.
 
     A leading special token (BOS/CLS) is kept. Nothing is truncated silently: callers count and flag it.
@@ -146,18 +148,23 @@ def tokenize(
             truncated.append(False)
             continue
         head = [row[0]] if row and row[0] in special else []
-        out.append(head + list(row[len(row) - (max_length - len(head)):]))
+        out.append(head + list(row[len(row) - (max_length - len(head)) :]))
         truncated.append(True)
     return Encoded(out, truncated)
 
 
 def context_length(model: nn.Module, tokenizer: Any) -> int:
-    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [
+        getattr(model.config, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
     usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
     return min(usable) if usable else 2048
 
 
-def length_batches(lengths: Sequence[int], *, max_tokens: int, max_batch_size: int | None = None) -> list[list[int]]:
+def length_batches(
+    lengths: Sequence[int], *, max_tokens: int, max_batch_size: int | None = None
+) -> list[list[int]]:
     """Indices grouped longest first, each batch's padded size (rows x longest) within ``max_tokens``."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
@@ -271,7 +278,8 @@ class LayerReader:
         max_batch_size: int | None = None,
     ) -> dict[int, torch.Tensor]:
         """Pooled states of every text, in input order, batched by ``max_tokens`` in length order."""
-        hidden_size = self.model.config.hidden_size
+        config: Any = self.model.config
+        hidden_size = int(config.hidden_size)
         out = {k: torch.empty((len(input_ids), hidden_size), dtype=torch.float32) for k in self.layers}
         lengths = [len(x) for x in input_ids]
         for i, row in enumerate(input_ids):
@@ -316,8 +324,12 @@ class TextReader:
         self, conversations: Sequence[tuple[list[dict[str, str]], str]]
     ) -> tuple[dict[int, torch.Tensor], list[bool]]:
         """Pooled fp32 states ``{layer: (n, hidden)}`` in input order, and a truncated flag per text."""
-        encoded = tokenize(self.tokenizer, self.texts(conversations), max_length=self.max_length,
-                           add_special_tokens=self.template.adds_special_tokens)
+        encoded = tokenize(
+            self.tokenizer,
+            self.texts(conversations),
+            max_length=self.max_length,
+            add_special_tokens=self.template.adds_special_tokens,
+        )
         states = self.layer_reader.read(
             encoded.input_ids,
             pad_id=self.pad_id,

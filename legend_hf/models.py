@@ -20,7 +20,10 @@ def cache_dir() -> Path:
     """``$LEGEND_HF_CACHE``, else ``$HF_HOME/legend_hf`` (``~/.cache/huggingface/legend_hf``)."""
     if os.environ.get("LEGEND_HF_CACHE"):
         return Path(os.environ["LEGEND_HF_CACHE"])
-    hf_home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    hf_home = (
+        os.environ.get("HF_HOME")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    )
     return Path(hf_home) / "legend_hf"
 
 
@@ -50,7 +53,7 @@ def smollm2_path() -> Path:
         source = smollm2_gguf_dir()
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010  (plain weights now; keeps save_pretrained from re-quantising)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config._name_or_path = DEFAULT_MODEL_ID

@@ -1,0 +1,268 @@
+"""Margins: invariances, input formats, `datasets` behaviour (map, cache, streaming) and bad input."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from conftest import HARMFUL, PAIRS
+from datasets import Dataset, load_from_disk
+
+from legend_hf import MarginAnnotator, SafetyDirection, annotate_margins, fit_direction
+from legend_hf.direction import DirectionModelWarning
+
+
+@pytest.fixture(scope="module")
+def llama_direction(tiny_llama_path) -> SafetyDirection:
+    return fit_direction(str(tiny_llama_path), HARMFUL, layer=[2, -1])
+
+
+@pytest.fixture(scope="module")
+def pairs() -> Dataset:
+    return Dataset.from_list(PAIRS * 4)
+
+
+def margins(ds: Dataset) -> torch.Tensor:
+    return torch.tensor(ds["margin"], dtype=torch.float64)
+
+
+def test_columns_and_sign_convention(llama_direction, pairs):
+    out = annotate_margins(pairs, llama_direction)
+    assert out.column_names == [
+        *pairs.column_names,
+        "margin",
+        "chosen_safety",
+        "rejected_safety",
+        "truncated",
+    ]
+    assert out["prompt"] == pairs["prompt"]
+    m, c, r = margins(out), torch.tensor(out["chosen_safety"]), torch.tensor(out["rejected_safety"])
+    torch.testing.assert_close(m, (c - r).double())
+    assert torch.isfinite(m).all()  # includes an empty chosen response (row 3)
+
+
+def test_invariant_to_batch_size_padding_side_and_row_order(tiny_model_path, pairs):
+    direction = fit_direction(str(tiny_model_path), HARMFUL)
+    reference = margins(pairs.map(MarginAnnotator(direction), batched=True, batch_size=1))
+    big = pairs.map(MarginAnnotator(direction), batched=True, batch_size=64)
+    torch.testing.assert_close(margins(big), reference, atol=1e-5, rtol=0)
+    tiny_budget = pairs.map(MarginAnnotator(direction, max_tokens_per_batch=1), batched=True, batch_size=64)
+    torch.testing.assert_close(margins(tiny_budget), reference, atol=1e-5, rtol=0)
+    for side in ("left", "right"):
+        annotator = MarginAnnotator(direction)
+        assert annotator._reader is not None
+        annotator._reader.tokenizer.padding_side = side
+        torch.testing.assert_close(
+            margins(pairs.map(annotator, batched=True, batch_size=64)), reference, atol=1e-5, rtol=0
+        )
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1)).tolist()
+    shuffled = pairs.select(order).map(MarginAnnotator(direction), batched=True, batch_size=7)
+    torch.testing.assert_close(margins(shuffled), reference[order], atol=1e-5, rtol=0)
+    direct = MarginAnnotator(direction)(pairs[:])
+    torch.testing.assert_close(
+        torch.tensor(direct["margin"], dtype=torch.float64), reference, atol=1e-5, rtol=0
+    )
+
+
+def test_input_formats_give_the_same_margins(llama_direction):
+    plain = Dataset.from_list(PAIRS)
+    conversational = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": p["prompt"]}],
+                "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                "rejected": [{"role": "assistant", "content": p["rejected"]}],
+            }
+            for p in PAIRS
+        ]
+    )
+    implicit = Dataset.from_list(
+        [
+            {
+                "chosen": [
+                    {"role": "user", "content": p["prompt"]},
+                    {"role": "assistant", "content": p["chosen"]},
+                ],
+                "rejected": [
+                    {"role": "user", "content": p["prompt"]},
+                    {"role": "assistant", "content": p["rejected"]},
+                ],
+            }
+            for p in PAIRS
+        ]
+    )
+    hh = Dataset.from_list(
+        [
+            {
+                "chosen": f"\n\nHuman: {p['prompt']}\n\nAssistant: {p['chosen']}",
+                "rejected": f"\n\nHuman: {p['prompt']}\n\nAssistant: {p['rejected']}",
+            }
+            for p in PAIRS
+        ]
+    )
+    reference = margins(annotate_margins(plain, llama_direction))
+    for ds in (conversational, implicit, hh):
+        torch.testing.assert_close(
+            margins(annotate_margins(ds, llama_direction)), reference, atol=1e-6, rtol=0
+        )
+
+
+def test_multi_turn_hh_dialogue(llama_direction):
+    ds = Dataset.from_list(
+        [
+            {
+                "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How do I hurt someone?\n\nAssistant: I won't help.",
+                "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How do I hurt someone?\n\nAssistant: Hit them.",
+            }
+        ]
+    )
+    assert torch.isfinite(margins(annotate_margins(ds, llama_direction))).all()
+
+
+def test_scale_and_bins(llama_direction, pairs):
+    raw = margins(annotate_margins(pairs, llama_direction))
+    scaled = annotate_margins(pairs, llama_direction, scale="standardize")
+    torch.testing.assert_close(margins(scaled), raw / raw.std())
+    torch.testing.assert_close(torch.tensor(scaled["margin_raw"], dtype=torch.float64), raw)
+    fixed = annotate_margins(pairs, llama_direction, scale=2.0)
+    torch.testing.assert_close(margins(fixed), raw * 2)
+    binned = annotate_margins(pairs, llama_direction, bins=3, levels=[0.0, 0.5, 1.0])
+    assert set(binned["margin_level"]) <= {0, 1, 2} and set(binned["margin"]) <= {0.0, 0.5, 1.0}
+    order = raw.argsort()
+    levels = torch.tensor(binned["margin_level"])[order]
+    assert (levels[1:] >= levels[:-1]).all()  # levels rise with the margin
+    assert '"bins": 3' in binned.info.description
+
+
+def test_streaming_dataset(llama_direction, pairs):
+    streamed = pairs.to_iterable_dataset().map(MarginAnnotator(llama_direction), batched=True, batch_size=5)
+    rows = list(streamed)
+    assert [r["prompt"] for r in rows] == pairs["prompt"]
+    torch.testing.assert_close(
+        torch.tensor([r["margin"] for r in rows], dtype=torch.float64),
+        margins(annotate_margins(pairs, llama_direction)),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_empty_dataset_keeps_new_columns(llama_direction):
+    empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    out = annotate_margins(empty, llama_direction)
+    assert len(out) == 0 and {"margin", "chosen_safety", "rejected_safety", "truncated"} <= set(
+        out.column_names
+    )
+    assert len(annotate_margins(empty, llama_direction, bins=2)) == 0
+
+
+# ---------------------------------------------------------------- caching and fingerprints
+
+_HASH_SCRIPT = textwrap.dedent("""
+    import sys
+    from datasets.fingerprint import Hasher
+    from legend_hf import MarginAnnotator, SafetyDirection
+    print(Hasher.hash(MarginAnnotator(SafetyDirection.from_pretrained(sys.argv[1]), sys.argv[2])))
+""")
+
+
+def test_fingerprint_is_stable_across_processes(llama_direction, tiny_llama_path, tmp_path):
+    llama_direction.save_pretrained(tmp_path / "d", card=False)
+    hashes = {
+        subprocess.run(
+            [sys.executable, "-c", _HASH_SCRIPT, str(tmp_path / "d"), str(tiny_llama_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    assert len(hashes) == 1
+    from datasets.fingerprint import Hasher
+
+    other = llama_direction.select_layer(2)
+    assert Hasher.hash(MarginAnnotator(other, str(tiny_llama_path))) not in hashes
+    assert Hasher.hash(MarginAnnotator(llama_direction, str(tiny_llama_path), scale=2.0)) not in hashes
+
+
+def test_second_map_reuses_the_cache(llama_direction, pairs, tmp_path):
+    pairs.save_to_disk(tmp_path / "pairs")
+    on_disk = load_from_disk(tmp_path / "pairs")
+    first = on_disk.map(MarginAnnotator(llama_direction), batched=True)
+    again = MarginAnnotator(llama_direction)
+    assert again._reader is not None
+    again._reader.read = None  # type: ignore[method-assign]  # any recomputation would fail
+    second = on_disk.map(again, batched=True)
+    assert second.cache_files == first.cache_files
+    assert second["margin"] == first["margin"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "expected"),
+    [
+        ("chosen", None, r"column 'chosen', row 2: expected a string or a list of messages, got NoneType"),
+        ("rejected", 3.5, r"column 'rejected', row 2: expected a string or a list of messages, got float"),
+        ("prompt", None, r"column 'prompt', row 2: expected text or messages, got None"),
+        ("chosen", [{"role": "assistant"}], r"column 'chosen', row 2: message 0 must be a dict"),
+    ],
+)
+def test_bad_values_name_column_and_row(llama_direction, column, value, expected):
+    rows = [dict(p) for p in PAIRS[:4]]
+    rows[2][column] = value
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    with pytest.raises(ValueError, match=expected):
+        MarginAnnotator(llama_direction)(batch, [0, 1, 2, 3])
+
+
+def test_bad_value_inside_map_names_the_dataset_row(llama_direction):
+    rows = [dict(p) for p in PAIRS] * 3
+    rows[13] = {**rows[13], "rejected": None}
+    with pytest.raises(ValueError, match="column 'rejected', row 13"):
+        annotate_margins(Dataset.from_list(rows), llama_direction, batch_size=4)
+
+
+def test_missing_column_is_named(llama_direction, pairs):
+    with pytest.raises(KeyError, match="column 'rejected' not found"):
+        annotate_margins(pairs.remove_columns("rejected"), llama_direction)
+    with pytest.raises(KeyError, match="column 'answer_b' not found"):
+        annotate_margins(pairs, llama_direction, rejected_column="answer_b")
+
+
+def test_not_batched_is_a_clear_error(llama_direction, pairs):
+    with pytest.raises(TypeError, match="batched=True"):
+        pairs.map(MarginAnnotator(llama_direction))
+
+
+def test_long_text_is_truncated_flagged_and_warned_once(llama_direction, caplog):
+    rows = [dict(PAIRS[0]), {**PAIRS[1], "prompt": "please " * 400 + PAIRS[1]["prompt"]}] * 3
+    with caplog.at_level(logging.WARNING, logger="legend_hf.annotate"):
+        out = annotate_margins(Dataset.from_list(rows), llama_direction, batch_size=2)
+    assert out["truncated"] == [False, True] * 3
+    assert sum("lost tokens from the start" in r.message for r in caplog.records) == 1
+    assert torch.isfinite(margins(out)).all()
+
+
+def test_direction_of_another_model_fails_before_compute(llama_direction, tiny_bert_path):
+    wrong = SafetyDirection(
+        **{
+            **llama_direction.__dict__,
+            "vectors": {4: torch.randn(16)},
+            "layer": 4,
+            "hidden_size": 16,
+            "source": None,
+        }
+    )
+    with pytest.raises(ValueError, match="hidden_size=16.*cannot be used with"):
+        MarginAnnotator(wrong, str(tiny_bert_path))
+    with pytest.warns(DirectionModelWarning, match="fitted on"):
+        MarginAnnotator(llama_direction, str(tiny_bert_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MarginAnnotator(llama_direction, str(tiny_bert_path), check_model_id=False)

@@ -1,0 +1,179 @@
+"""The artifact: round trip, Hub cache offline, push_to_hub, and every way a file can be bad."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from legend_hf import SafetyDirection
+from legend_hf.direction import CONFIG_NAME, WEIGHTS_NAME
+
+
+def make_direction(**overrides) -> SafetyDirection:
+    torch.manual_seed(0)
+    fields = dict(
+        vectors={2: torch.randn(8), 4: torch.randn(8)},
+        layer=4,
+        model_id="org/tiny",
+        hidden_size=8,
+        num_layers=4,
+        pooling="last",
+        template="alpaca",
+        refusals=["I can't answer that."],
+        model_revision="abc123",
+        layer_scores={2: {"accuracy": 0.9, "auc": 0.95, "n_heldout": 4.0}},
+    )
+    fields.update(overrides)
+    return SafetyDirection(**fields)
+
+
+def test_round_trip(tmp_path):
+    direction = make_direction()
+    direction.save_pretrained(tmp_path)
+    assert {WEIGHTS_NAME, CONFIG_NAME, "README.md"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = SafetyDirection.from_pretrained(tmp_path)
+    assert loaded.config_dict() == direction.config_dict()
+    assert all(torch.equal(loaded.vectors[k], v) for k, v in direction.vectors.items())
+    assert loaded.fingerprint() == direction.fingerprint()
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for key in (
+        "format_version",
+        "library_version",
+        "model_id",
+        "model_revision",
+        "hidden_size",
+        "layer",
+        "layers",
+        "pooling",
+        "template",
+        "refusals",
+        "method",
+        "fit_data",
+        "layer_scores",
+        "sign_convention",
+    ):
+        assert key in config
+    torch.testing.assert_close(loaded.unit.norm(), torch.tensor(1.0))
+
+
+def test_fingerprint_changes_with_vector_and_options():
+    a = make_direction()
+    assert a.fingerprint() != make_direction(pooling="mean").fingerprint()
+    b = make_direction()
+    b.vectors[4][0] += 1e-3
+    assert a.fingerprint() != b.fingerprint()
+
+
+def _populate_hub_cache(cache: Path, repo_id: str, direction: SafetyDirection, sha: str) -> None:
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / sha
+    direction.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+
+
+def test_hub_download_through_offline_cache(tmp_path):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    _populate_hub_cache(tmp_path / "hub", "me/smv-tiny", make_direction(), sha)
+    script = textwrap.dedent("""
+        from legend_hf import SafetyDirection
+        d = SafetyDirection.from_pretrained("me/smv-tiny", revision="main")
+        print(d.source, d.source_revision, d.layer)
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["me/smv-tiny", sha, "4"]
+
+
+def test_hub_missing_offline_is_a_clear_error(tmp_path):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    with pytest.raises(LocalEntryNotFoundError):
+        SafetyDirection.from_pretrained("me/not-there", cache_dir=tmp_path, local_files_only=True)
+
+
+def test_push_to_hub_uploads_the_artifact():
+    uploaded: dict[str, bytes] = {}
+
+    def upload_folder(*, repo_id, folder_path, **kwargs):
+        uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+        return "commit-url"
+
+    api = mock.MagicMock()
+    api.create_repo.return_value.repo_id = "me/smv"
+    api.upload_folder.side_effect = upload_folder
+    with mock.patch("huggingface_hub.HfApi", return_value=api):
+        assert make_direction().push_to_hub("me/smv", private=True) == "commit-url"
+    api.create_repo.assert_called_once_with("me/smv", private=True, exist_ok=True)
+    assert {WEIGHTS_NAME, CONFIG_NAME, "README.md"} <= set(uploaded)
+    assert json.loads(uploaded[CONFIG_NAME])["model_id"] == "org/tiny"
+
+
+# ---------------------------------------------------------------- bad artifacts
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    make_direction().save_pretrained(tmp_path, card=False)
+    return tmp_path
+
+
+def test_corrupted_safetensors_names_the_file(saved):
+    (saved / WEIGHTS_NAME).write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match=r"direction\.safetensors is not a valid safetensors file"):
+        SafetyDirection.from_pretrained(saved)
+
+
+def test_truncated_safetensors_names_the_file(saved):
+    data = (saved / WEIGHTS_NAME).read_bytes()
+    (saved / WEIGHTS_NAME).write_bytes(data[: len(data) - 10])
+    with pytest.raises(ValueError, match=r"direction\.safetensors is not a valid safetensors file"):
+        SafetyDirection.from_pretrained(saved)
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    torch.save({"layer_4": torch.randn(8)}, tmp_path / "direction.bin")
+    with pytest.raises(ValueError, match=r"direction\.bin.*never pickles"):
+        SafetyDirection.from_pretrained(tmp_path)
+
+
+def test_nan_vector_is_refused(saved):
+    save_file(
+        {"layer_2": torch.randn(8), "layer_4": torch.full((8,), float("nan"))}, str(saved / WEIGHTS_NAME)
+    )
+    with pytest.raises(ValueError, match="'layer_4' holds NaN or inf"):
+        SafetyDirection.from_pretrained(saved)
+
+
+def test_unknown_format_version_is_refused(saved):
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    config["format_version"] = 99
+    (saved / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"direction_config\.json has format_version 99"):
+        SafetyDirection.from_pretrained(saved)
+
+
+def test_invalid_json_and_wrong_shape(saved):
+    config_text = (saved / CONFIG_NAME).read_text()
+    (saved / CONFIG_NAME).write_text(config_text[:20])
+    with pytest.raises(ValueError, match=r"direction_config\.json is not valid JSON"):
+        SafetyDirection.from_pretrained(saved)
+    config = json.loads(config_text)
+    config["hidden_size"] = 16
+    (saved / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="expected hidden_size=16"):
+        SafetyDirection.from_pretrained(saved)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a legend-hf direction folder"):
+        SafetyDirection.from_pretrained(tmp_path)

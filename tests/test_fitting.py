@@ -1,0 +1,90 @@
+"""fit_direction: methods, layers, harmless data, sign convention and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HARMFUL
+
+from legend_hf import fit_direction
+from legend_hf.fitting import direction_from_states
+
+
+def test_methods_orient_safer_positive():
+    torch.manual_seed(0)
+    axis = torch.randn(16)
+    harmful = torch.randn(40, 16)
+    safe = harmful + 2 * axis + 0.1 * torch.randn(40, 16)
+    for method in ("mean_diff", "pca", "logistic"):
+        vector = direction_from_states(safe, harmful, method, paired=True)
+        assert float(torch.nn.functional.cosine_similarity(vector, axis, dim=0)) > 0.8, method
+        assert ((safe - harmful) @ vector > 0).all(), method
+
+
+def test_mean_diff_is_the_paper_smv(tiny_bert_path):
+    from legend_hf.formatting import TextTemplate
+    from legend_hf.hidden_states import TextReader, load_model
+
+    direction = fit_direction(str(tiny_bert_path), HARMFUL[:6], refusals="No.")
+    model, tokenizer = load_model(str(tiny_bert_path))
+    reader = TextReader(model, tokenizer, layers=[-1], pooling="mean", template=TextTemplate("alpaca"))
+    harmful = [([{"role": "user", "content": r["prompt"]}], r["response"]) for r in HARMFUL[:6]]
+    safe = [(p, "No.") for p, _ in harmful]
+    states_h, _ = reader.read(harmful)
+    states_s, _ = reader.read(safe)
+    expected = (states_s[4] - states_h[4]).mean(0)
+    torch.testing.assert_close(direction.vector, expected, atol=1e-5, rtol=1e-5)
+    assert direction.pooling == "mean" and direction.template == "alpaca" and direction.refusals == ["No."]
+
+
+def test_several_layers_in_one_pass_and_auto(tiny_llama_path):
+    multi = fit_direction(str(tiny_llama_path), HARMFUL, layer=[1, -1], method="pca")
+    assert sorted(multi.vectors) == [1, 4] and sorted(multi.layer_scores) == [1, 4]
+    auto = fit_direction(str(tiny_llama_path), HARMFUL, layer="auto")
+    assert sorted(auto.layer_scores) == [1, 2, 3, 4]
+    best = max(
+        auto.layer_scores, key=lambda k: (auto.layer_scores[k]["auc"], auto.layer_scores[k]["accuracy"], k)
+    )
+    assert auto.layer == best
+    one = fit_direction(str(tiny_llama_path), HARMFUL, layer=-1)
+    torch.testing.assert_close(one.vector, auto.vectors[4])
+
+
+def test_refusals_cycle_and_harmless_rows(tiny_llama_path):
+    refusals = ["I can't answer that.", "No, I won't help with this."]
+    cycled = fit_direction(str(tiny_llama_path), HARMFUL, refusals=refusals, method="logistic")
+    assert cycled.refusals == refusals and cycled.method == "logistic"
+    harmless = [{"prompt": r["prompt"], "response": refusals[i % 2]} for i, r in enumerate(HARMFUL)]
+    explicit = fit_direction(str(tiny_llama_path), HARMFUL, harmless=harmless, method="logistic")
+    torch.testing.assert_close(explicit.vector, cycled.vector)
+    assert explicit.fit_data["paired"] and explicit.fit_data["n_harmless"] == len(HARMFUL)
+
+
+def test_model_object_and_dataset_input(tiny_llama_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
+    from_object = fit_direction(model, Dataset.from_list(HARMFUL), tokenizer=tokenizer)
+    from_path = fit_direction(str(tiny_llama_path), HARMFUL)
+    torch.testing.assert_close(from_object.vector, from_path.vector)
+    assert "fingerprint" in from_object.fit_data["description"]
+
+
+@pytest.mark.parametrize(
+    ("harmful", "kwargs", "error", "match"),
+    [
+        ([{"prompt": "x"}], {}, KeyError, "harmful: row 0 has no 'response' key"),
+        ([{"prompt": None, "response": "y"}], {}, ValueError, "column 'prompt', row 0"),
+        ([{"prompt": "x", "response": 5}], {}, ValueError, r"harmful\.response', row 0"),
+        ([], {}, ValueError, "harmful is empty"),
+        ([{"prompt": "x", "response": "y"}], {"method": "svm"}, ValueError, "method must be one of"),
+        ([{"prompt": "x", "response": "y"}], {"layer": "best"}, ValueError, "layer must be"),
+        ([{"prompt": "x", "response": "y"}], {"layer": 9}, ValueError, "out of range"),
+        ([{"prompt": "x", "response": "y"}], {"layer": "auto"}, ValueError, "at least 5"),
+    ],
+)
+def test_bad_fit_input(tiny_llama_path, harmful, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fit_direction(str(tiny_llama_path), harmful, **kwargs)

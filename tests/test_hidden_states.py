@@ -1,0 +1,75 @@
+"""Early exit, pooling and batching must equal a plain full forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from legend_hf.hidden_states import LayerReader, is_decoder, length_batches, normalize_layer, pool, tokenize
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_early_exit_equals_full_forward(tiny_model_path, pooling):
+    model = AutoModel.from_pretrained(tiny_model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    texts = ["a short one", "a much longer text with quite a few more tokens in it", "mid length text here"]
+    ids = tokenizer(texts)["input_ids"]
+    for layers in ([1], [2], [0, 3], [-1], [1, 2, 4]):
+        reader = LayerReader(model, layers, pooling)
+        for side, max_tokens in (("right", 1000), ("left", 1000), ("right", 12)):
+            got = reader.read(ids, pad_id=0, padding_side=side, max_tokens=max_tokens)
+            for i, row in enumerate(ids):
+                with torch.no_grad():
+                    states = model(input_ids=torch.tensor([row]), output_hidden_states=True).hidden_states
+                for k in reader.layers:
+                    h = states[k][0]
+                    ref = h[-1] if pooling == "last" else h.mean(0)
+                    torch.testing.assert_close(got[k][i], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_early_exit_skips_deeper_blocks(tiny_llama_path):
+    model = AutoModel.from_pretrained(tiny_llama_path).eval()
+    calls: list[int] = []
+    for i, block in enumerate(model.layers):
+        block.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    LayerReader(model, [2], "last")(torch.tensor([[101, 7592, 102]]), torch.ones(1, 3, dtype=torch.long))
+    assert calls == [0, 1]
+
+
+def test_layer_index_like_python():
+    assert normalize_layer(-1, 30) == 30
+    assert normalize_layer(12, 30) == 12
+    assert normalize_layer(-31, 30) == 0
+    with pytest.raises(ValueError, match="out of range"):
+        normalize_layer(31, 30)
+
+
+def test_decoder_detection(tiny_model_path):
+    model = AutoModel.from_pretrained(tiny_model_path)
+    assert is_decoder(model) == ("bert" not in str(tiny_model_path))
+
+
+def test_length_batches_respect_budget_and_cover_all():
+    lengths = [5, 50, 7, 30, 30, 2, 64]
+    batches = length_batches(lengths, max_tokens=64)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= 64 for b in batches)
+    assert [len(b) for b in length_batches(lengths, max_tokens=10_000, max_batch_size=3)] == [3, 3, 1]
+
+
+def test_left_truncation_keeps_the_end_and_the_leading_special_token(tiny_bert_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_path)
+    text = "start " * 50 + "the very end"
+    encoded = tokenize(tokenizer, [text, "short"], max_length=10, add_special_tokens=True)
+    assert encoded.truncated == [True, False]
+    long = encoded.input_ids[0]
+    assert len(long) == 10 and long[0] == tokenizer.cls_token_id
+    assert tokenizer.decode(long[-4:-1]) == "the very end"
+
+
+def test_pool_ignores_nan_in_padding():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [float("nan"), float("nan")]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert pool(hidden, mask, "mean").tolist() == [[2.0, 3.0]]
+    assert pool(hidden, mask, "last").tolist() == [[3.0, 4.0]]

@@ -1,0 +1,62 @@
+"""The real encoder (all-MiniLM-L6-v2) and decoder (SmolLM2-135M-Instruct) paths, end to end.
+
+Directions are fitted on the project's own harmful/refusal rows (legend_hf/data/fit_harmful.jsonl,
+refusals.json) and scored on held-out refusal-vs-compliance pairs (sample_preferences.jsonl) whose
+prompts the fit never saw. Accuracy = share of pairs whose margin sign agrees with the label.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+from datasets import Dataset
+
+from legend_hf import SafetyDirection, annotate_margins, fit_direction
+from legend_hf.evaluation import sign_accuracy
+
+pytestmark = pytest.mark.slow
+
+
+def _jsonl(name: str) -> list[dict]:
+    return [json.loads(line) for line in resources.files("legend_hf").joinpath(f"data/{name}").read_text().splitlines()]
+
+
+FIT = _jsonl("fit_harmful.jsonl")
+REFUSALS = json.loads(resources.files("legend_hf").joinpath("data/refusals.json").read_text())
+HELD_OUT = [r for r in _jsonl("sample_preferences.jsonl") if r["pair_type"] == "refusal_vs_compliance"]
+
+
+def held_out_accuracy(direction: SafetyDirection, rows: list[dict], model: str | None = None) -> float:
+    out = annotate_margins(Dataset.from_list(rows), direction, model=model)
+    return sign_accuracy(out["margin"], [r["chosen_is_safe"] for r in rows])
+
+
+def test_no_prompt_overlap_between_fit_and_held_out():
+    assert not {r["prompt"] for r in FIT} & {r["prompt"] for r in HELD_OUT}
+
+
+def test_minilm_orders_held_out_pairs(tmp_path):
+    from conftest import minilm_path
+
+    paper = fit_direction(minilm_path(), FIT, refusals=REFUSALS)  # last layer, mean pooling (encoder default)
+    auto = fit_direction(minilm_path(), FIT, refusals=REFUSALS, layer="auto")
+    assert paper.pooling == "mean" and auto.layer_scores
+    # Measured: 0.71 at the last layer, 0.88 at the held-out-selected layer 4 (180 pairs, chance 0.5).
+    assert held_out_accuracy(paper, HELD_OUT) >= 0.65
+    auto.save_pretrained(tmp_path / "smv")
+    assert held_out_accuracy(SafetyDirection.from_pretrained(tmp_path / "smv"), HELD_OUT) >= 0.8
+
+
+def test_smollm2_decoder_orders_held_out_pairs():
+    from legend_hf.models import DEFAULT_MODEL_ID, smollm2_path
+
+    path = str(smollm2_path())
+    direction = fit_direction(path, FIT[::2], refusals=REFUSALS, layer=[15, -1])
+    assert direction.pooling == "last" and direction.template == "chat"
+    assert direction.model_id.endswith(DEFAULT_MODEL_ID.split("/")[1])
+    # Measured on these 90 pairs: see the assertions (chance 0.5).
+    rows = HELD_OUT[::2]
+    assert held_out_accuracy(direction.select_layer(15), rows, model=path) >= 0.65
+    assert held_out_accuracy(direction.select_layer(-1), rows, model=path) >= 0.6
