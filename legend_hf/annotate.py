@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .direction import SafetyDirection
-from .formatting import InputError, Message, TextTemplate, to_conversation
+from .formatting import Conversation, InputError, TextTemplate, to_conversation
 from .hidden_states import TextReader, load_model, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ class MarginAnnotator:
 
     ``scale`` multiplies margins (``margin_raw`` keeps the projection difference); ``bin_edges`` maps
     the scaled margin to a level (``margin_level``; ``margin`` becomes ``levels[level]``).
+    Speed: the forward pass stops at the direction's layer; decoders run the prompt shared by chosen and
+    rejected once and continue both from its KV cache (``share_prompt``); texts are batched in length
+    order by ``max_tokens_per_batch`` padded tokens (``batch_size`` caps rows); ``dtype="bfloat16"``
+    runs the model in bf16 (pooling and projection stay fp32/fp64).
     Empty responses are valid: the text is then prompt plus template, never NaN. The model loads at
     construction (so a mismatched direction fails before any compute) unless ``lazy=True``.
     """
@@ -67,6 +71,8 @@ class MarginAnnotator:
         revision: str | None = None,
         check_model_id: bool = True,
         trust_remote_code: bool = False,
+        share_prompt: bool = True,
+        batch_size: int | None = None,
         lazy: bool = False,
     ) -> None:
         self.direction = direction
@@ -91,6 +97,8 @@ class MarginAnnotator:
                 )
         self.max_length = max_length or direction.max_length
         self.max_tokens_per_batch = max_tokens_per_batch
+        self.share_prompt = share_prompt
+        self.batch_size = batch_size
         self.device = str(device) if device is not None else None
         self.dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
         self.trust_remote_code = trust_remote_code
@@ -145,6 +153,8 @@ class MarginAnnotator:
             template=TextTemplate.resolve(self.direction.template, tokenizer),
             max_length=self.max_length,
             max_tokens_per_batch=self.max_tokens_per_batch,
+            batch_size=self.batch_size,
+            share_prompt=self.share_prompt,
         )
         return self._reader
 
@@ -160,12 +170,23 @@ class MarginAnnotator:
         return self._load(device or str(resolve_device(None)))
 
     def safety(
-        self, conversations: Sequence[tuple[list[Message], str]], *, rank: int | None = None
+        self,
+        conversations: Sequence[Conversation],
+        *,
+        paired_with: Sequence[Conversation] | None = None,
+        rank: int | None = None,
     ) -> tuple[torch.Tensor, list[bool]]:
         """Safety scores (fp64 projections on the unit direction) of (prompt messages, response) pairs,
-        and which texts were truncated (warned about once per annotator)."""
+        and which texts were truncated (warned about once per annotator).
+
+        With ``paired_with`` (the other response to each prompt) the scores of ``conversations +
+        paired_with`` come back, and decoders run each shared prompt once.
+        """
         reader = self._reader_for(rank)
-        states, truncated = reader.read(conversations)
+        if paired_with is None:
+            states, truncated = reader.read(conversations)
+        else:
+            states, truncated = reader.read_pairs(conversations, paired_with)
         if any(truncated) and not self._warned_truncation:
             self._warned_truncation = True
             logger.warning(
@@ -209,14 +230,14 @@ class MarginAnnotator:
         rows: list[int | str] = (
             list(indices) if indices is not None else [f"{i} of this batch" for i in range(n)]
         )
-        conversations = []
+        conversations: dict[str, list[Conversation]] = {self.chosen_column: [], self.rejected_column: []}
         for side, responses in ((self.chosen_column, chosen), (self.rejected_column, rejected)):
             for i in range(n):
                 if has_prompt and prompts[i] is None:
                     raise InputError(
                         f"column {self.prompt_column!r}, row {rows[i]}: expected text or messages, got None"
                     )
-                conversations.append(
+                conversations[side].append(
                     to_conversation(
                         prompts[i],
                         responses[i],
@@ -227,7 +248,9 @@ class MarginAnnotator:
                 )
         if n == 0:
             return {c: [] for c in self.new_columns}
-        projections, truncated = self.safety(conversations, rank=rank)
+        projections, truncated = self.safety(
+            conversations[self.chosen_column], paired_with=conversations[self.rejected_column], rank=rank
+        )
         chosen_safety, rejected_safety = projections[:n], projections[n:]
         raw = chosen_safety - rejected_safety
         flags = [a or b for a, b in zip(truncated[:n], truncated[n:], strict=True)]

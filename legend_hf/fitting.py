@@ -17,7 +17,7 @@ from torch import nn
 
 from .direction import SafetyDirection
 from .evaluation import roc_auc
-from .formatting import Message, TextTemplate, to_conversation
+from .formatting import Conversation, TextTemplate, to_conversation
 from .hidden_states import (
     TextReader,
     default_pooling,
@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_REFUSAL = "I can't answer that."
 METHODS = ("mean_diff", "pca", "logistic")
-Conversation = tuple[list[Message], str]
 
 
 def read_rows(rows: Any, *, prompt_column: str, response_column: str, name: str) -> list[Conversation]:
@@ -213,7 +212,10 @@ def fit_direction(
         max_length=max_length,
         max_tokens_per_batch=max_tokens_per_batch,
     )
-    states, truncated = reader.read([*harmful_rows, *safe_rows])
+    if paired:  # each harmful row and its safe row share the prompt: run it once
+        states, truncated = reader.read_pairs(harmful_rows, safe_rows)
+    else:
+        states, truncated = reader.read([*harmful_rows, *safe_rows])
     if any(truncated):
         logger.warning(
             "%d of %d fit texts were longer than %d tokens and lost their start",

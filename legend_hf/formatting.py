@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 Message = dict[str, str]
+Conversation = tuple[list[Message], str]  # (prompt messages, response text)
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that completes the request."

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .formatting import Conversation
+
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("last", "mean")
@@ -218,31 +220,42 @@ class LayerReader:
         self.layers = sorted({normalize_layer(x, self.n_layers) for x in layers})
         self.pooling = pooling
         params = inspect.signature(model.forward).parameters
-        self._extra_inputs = {"position_ids", "use_cache"} & set(params)
+        self._extra_inputs = {"position_ids", "use_cache", "past_key_values"} & set(params)
+        self.can_share_prefix = (
+            is_decoder(model) and {"position_ids", "past_key_values"} <= self._extra_inputs
+        )
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Pooled fp32 states ``{layer: (batch, hidden)}`` for one padded batch."""
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+    ) -> dict[int, torch.Tensor]:
+        """Unpooled states ``{layer: (batch, seq, hidden)}``; blocks past the deepest layer never run.
+
+        ``attention_mask`` covers cached and new tokens; with ``cache`` (a ``DynamicCache``) the new
+        tokens continue the cached ones and the cache is extended in place.
+        """
         captured: dict[int, torch.Tensor] = {}
         deepest = self.layers[-1]
         handles = []
 
         def capture(index: int) -> Any:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                tensor = output[0] if isinstance(output, tuple) else output
-                captured[index] = pool(tensor, attention_mask, self.pooling)
+                captured[index] = output[0] if isinstance(output, tuple) else output
                 if index == deepest:
                     raise _StopForward
 
             return hook
 
         def capture_input(module: nn.Module, args: Any, kwargs: Any) -> None:
-            tensor = args[0] if args else kwargs["hidden_states"]
-            captured[0] = pool(tensor, attention_mask, self.pooling)
+            captured[0] = args[0] if args else kwargs["hidden_states"]
             if deepest == 0:
                 raise _StopForward
 
@@ -255,18 +268,32 @@ class LayerReader:
         attention_mask = attention_mask.to(device)
         kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention_mask}
         if "position_ids" in self._extra_inputs:
-            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        if "use_cache" in self._extra_inputs:
+            if position_ids is None:
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = position_ids.to(device)
+        if cache is not None:
+            kwargs.update(past_key_values=cache, use_cache=True)
+        elif "use_cache" in self._extra_inputs:
             kwargs["use_cache"] = False
         try:
-            output = self.model(**kwargs)
-            captured[self.n_layers] = pool(output.last_hidden_state, attention_mask, self.pooling)
+            with torch.inference_mode():
+                captured[self.n_layers] = self.model(**kwargs).last_hidden_state
         except _StopForward:
             pass
         finally:
             for handle in handles:
                 handle.remove()
-        return {k: captured[k].cpu() for k in self.layers}
+        return {k: captured[k] for k in self.layers}
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Pooled fp32 states ``{layer: (batch, hidden)}`` for one padded batch."""
+        states = self.hidden(input_ids, attention_mask)
+        mask = attention_mask.to(self.device)
+        return {k: pool(v, mask, self.pooling).cpu() for k, v in states.items()}
+
+    def _empty(self, n: int) -> dict[int, torch.Tensor]:
+        config: Any = self.model.config
+        return {k: torch.empty((n, int(config.hidden_size)), dtype=torch.float32) for k in self.layers}
 
     def read(
         self,
@@ -278,19 +305,105 @@ class LayerReader:
         max_batch_size: int | None = None,
     ) -> dict[int, torch.Tensor]:
         """Pooled states of every text, in input order, batched by ``max_tokens`` in length order."""
-        config: Any = self.model.config
-        hidden_size = int(config.hidden_size)
-        out = {k: torch.empty((len(input_ids), hidden_size), dtype=torch.float32) for k in self.layers}
-        lengths = [len(x) for x in input_ids]
+        out = self._empty(len(input_ids))
         for i, row in enumerate(input_ids):
             if not row:
                 raise ValueError(f"text {i} has no tokens: give it a template or a non-empty prompt/response")
+        lengths = [len(x) for x in input_ids]
         for batch in length_batches(lengths, max_tokens=max_tokens, max_batch_size=max_batch_size):
             ids, mask = pad([input_ids[i] for i in batch], pad_id, padding_side)
             states = self(ids, mask)
             for k in self.layers:
                 out[k][batch] = states[k]
         return out
+
+    def read_pairs(
+        self,
+        first: Sequence[Sequence[int]],
+        second: Sequence[Sequence[int]],
+        *,
+        pad_id: int,
+        max_tokens: int = 8192,
+        max_batch_size: int | None = None,
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Pooled states of text pairs that share a token prefix (a prompt), running the prefix once.
+
+        The shared prefix goes through the model once with a KV cache; both continuations run from it.
+        For a causal model this equals reading each text in full (within float noise). The prefix is the
+        longest common token prefix, so any template works and the boundary never needs to be known.
+        """
+        if len(first) != len(second):
+            raise ValueError(
+                f"read_pairs needs as many first as second texts ({len(first)} != {len(second)})"
+            )
+        for i, (a, b) in enumerate(zip(first, second, strict=True)):
+            if not a or not b:
+                raise ValueError(f"pair {i} has a text with no tokens")
+        shared = [
+            min(_common_prefix(a, b), len(a) - 1, len(b) - 1) for a, b in zip(first, second, strict=True)
+        ]
+        out_first, out_second = self._empty(len(first)), self._empty(len(second))
+        alone = [i for i, n in enumerate(shared) if n == 0]  # nothing to share: read in full
+        if alone:
+            texts = [first[i] for i in alone] + [second[i] for i in alone]
+            states = self.read(texts, pad_id=pad_id, max_tokens=max_tokens, max_batch_size=max_batch_size)
+            for k in self.layers:
+                out_first[k][alone], out_second[k][alone] = states[k][: len(alone)], states[k][len(alone) :]
+        sharing = [i for i, n in enumerate(shared) if n > 0]
+        # The continuation pass holds 2 rows of (prefix + suffix) per pair: budget on that.
+        cost = [2 * max(len(first[i]), len(second[i])) for i in sharing]
+        budget = max(max_tokens, max(cost, default=1))
+        for group in length_batches(cost, max_tokens=budget, max_batch_size=max_batch_size):
+            batch = [sharing[j] for j in group]
+            prefixes = [list(first[i][: shared[i]]) for i in batch]
+            suffixes = [list(first[i][shared[i] :]) for i in batch] + [
+                list(second[i][shared[i] :]) for i in batch
+            ]
+            states = self._read_continuations(prefixes, suffixes, pad_id)
+            for k in self.layers:
+                out_first[k][batch] = states[k][: len(batch)]
+                out_second[k][batch] = states[k][len(batch) :]
+        return out_first, out_second
+
+    def _read_continuations(
+        self, prefixes: list[list[int]], suffixes: list[list[int]], pad_id: int
+    ) -> dict[int, torch.Tensor]:
+        """Pool ``2B`` texts: suffix ``j`` continues (non-empty) prefix ``j % B``."""
+        from transformers import DynamicCache
+
+        repeat = torch.arange(len(suffixes)) % len(prefixes)
+        suffix_ids, suffix_mask = pad(suffixes, pad_id, "right")
+        prefix_ids, prefix_mask = pad(prefixes, pad_id, "right")
+        prefix_len = prefix_mask.sum(1)
+        device = self.device
+        config: Any = self.model.config
+        cache = DynamicCache(config=config)
+        prefix_states = self.hidden(prefix_ids, prefix_mask, cache=cache)
+        keep = prefix_mask.to(device).bool().unsqueeze(-1)
+        prefix_sums = {k: torch.where(keep, v.float(), 0.0).sum(1) for k, v in prefix_states.items()}
+        cache.reorder_cache(repeat.to(device))  # type: ignore[arg-type]
+        full_mask = torch.cat([prefix_mask[repeat], suffix_mask], dim=1)
+        positions = prefix_len[repeat].unsqueeze(1) + torch.arange(suffix_ids.shape[1]).unsqueeze(0)
+        states = self.hidden(suffix_ids, full_mask, position_ids=positions, cache=cache)
+        mask = suffix_mask.to(device)
+        out = {}
+        for k, v in states.items():
+            if self.pooling == "last":
+                out[k] = pool(v, mask, "last")
+            else:
+                total = torch.where(mask.bool().unsqueeze(-1), v.float(), 0.0).sum(1)
+                total = total + prefix_sums[k][repeat.to(device)]
+                count = mask.sum(1) + prefix_len[repeat].to(device)
+                out[k] = total / count.unsqueeze(1).float()
+        return {k: v.cpu() for k, v in out.items()}
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 class TextReader:
@@ -307,6 +420,7 @@ class TextReader:
         max_length: int | None = None,
         max_tokens_per_batch: int = 8192,
         batch_size: int | None = None,
+        share_prompt: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.template = template
@@ -314,22 +428,24 @@ class TextReader:
         self.max_length = max_length or context_length(model, tokenizer)
         self.max_tokens_per_batch = max(max_tokens_per_batch, self.max_length)
         self.batch_size = batch_size
+        self.share_prompt = share_prompt and self.layer_reader.can_share_prefix
         pad_id = tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)
 
-    def texts(self, conversations: Sequence[tuple[list[dict[str, str]], str]]) -> list[str]:
+    def texts(self, conversations: Sequence[Conversation]) -> list[str]:
         return [self.template.render(self.tokenizer, prompt, response) for prompt, response in conversations]
 
-    def read(
-        self, conversations: Sequence[tuple[list[dict[str, str]], str]]
-    ) -> tuple[dict[int, torch.Tensor], list[bool]]:
-        """Pooled fp32 states ``{layer: (n, hidden)}`` in input order, and a truncated flag per text."""
-        encoded = tokenize(
+    def _encode(self, conversations: Sequence[Conversation]) -> Encoded:
+        return tokenize(
             self.tokenizer,
             self.texts(conversations),
             max_length=self.max_length,
             add_special_tokens=self.template.adds_special_tokens,
         )
+
+    def read(self, conversations: Sequence[Conversation]) -> tuple[dict[int, torch.Tensor], list[bool]]:
+        """Pooled fp32 states ``{layer: (n, hidden)}`` in input order, and a truncated flag per text."""
+        encoded = self._encode(conversations)
         states = self.layer_reader.read(
             encoded.input_ids,
             pad_id=self.pad_id,
@@ -338,3 +454,24 @@ class TextReader:
             max_batch_size=self.batch_size,
         )
         return states, encoded.truncated
+
+    def read_pairs(
+        self,
+        first: Sequence[Conversation],
+        second: Sequence[Conversation],
+    ) -> tuple[dict[int, torch.Tensor], list[bool]]:
+        """States of ``first + second`` (in that order) where ``first[i]`` and ``second[i]`` share a prompt.
+
+        Decoders run each shared prompt once (``share_prompt``); other models read every text in full.
+        """
+        if not self.share_prompt:
+            return self.read([*first, *second])
+        a, b = self._encode(first), self._encode(second)
+        states_a, states_b = self.layer_reader.read_pairs(
+            a.input_ids,
+            b.input_ids,
+            pad_id=self.pad_id,
+            max_tokens=self.max_tokens_per_batch,
+            max_batch_size=self.batch_size,
+        )
+        return {k: torch.cat([states_a[k], states_b[k]]) for k in states_a}, a.truncated + b.truncated

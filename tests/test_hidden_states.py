@@ -73,3 +73,34 @@ def test_pool_ignores_nan_in_padding():
     mask = torch.tensor([[1, 1, 0]])
     assert pool(hidden, mask, "mean").tolist() == [[2.0, 3.0]]
     assert pool(hidden, mask, "last").tolist() == [[3.0, 4.0]]
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_prompt_sharing_equals_reading_each_text(tiny_model_path, pooling):
+    model = AutoModel.from_pretrained(tiny_model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    reader = LayerReader(model, [1, 2, -1], pooling)
+    if not reader.can_share_prefix:
+        assert "bert" in str(tiny_model_path)  # encoders attend both ways: nothing to share
+        return
+    prompts = ["how do I do this thing", "tell me", "a long prompt with many many words in it, okay"]
+    first = [tokenizer(p + " sure, here it is")["input_ids"] for p in prompts] + [[5, 6, 7]]
+    second = [tokenizer(p + " no")["input_ids"] for p in prompts] + [[8, 6]]  # the last pair shares nothing
+    expected = reader.read(first + second, pad_id=0)
+    for max_tokens in (1, 10_000):  # one pair per batch, and all pairs in one batch
+        got_first, got_second = reader.read_pairs(first, second, pad_id=0, max_tokens=max_tokens)
+        for k in reader.layers:
+            torch.testing.assert_close(
+                torch.cat([got_first[k], got_second[k]]), expected[k], atol=1e-5, rtol=1e-5
+            )
+
+
+def test_token_budget_batching_equals_one_by_one(tiny_llama_path):
+    model = AutoModel.from_pretrained(tiny_llama_path).eval()
+    reader = LayerReader(model, [2], "last")
+    ids = [[101] + list(range(1000, 1000 + n)) + [102] for n in (3, 40, 7, 19, 1, 33)]
+    one_by_one = reader.read(ids, pad_id=0, max_batch_size=1)
+    for budget in (8, 64, 10_000):
+        torch.testing.assert_close(
+            reader.read(ids, pad_id=0, max_tokens=budget)[2], one_by_one[2], atol=1e-5, rtol=0
+        )
