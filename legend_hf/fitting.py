@@ -148,6 +148,7 @@ def fit_direction(
     holdout: float = 0.2,
     seed: int = 0,
     description: str | None = None,
+    model_id: str | None = None,
     revision: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
@@ -168,6 +169,7 @@ def fit_direction(
         template: ``"auto"`` (chat template if any, else Alpaca), ``"chat"``, ``"alpaca"``, ``"none"`` or a
             format string with ``{prompt}`` and ``{response}``.
         holdout: share of pairs held out to score each layer (scores only; the final vector uses all pairs).
+        model_id: the id to record for the model (e.g. the Hub id of a local copy); default: its path or id.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -244,9 +246,8 @@ def fit_direction(
         k: direction_from_states(states[k][n:], states[k][:n], method, paired=paired) for k in candidates
     }
     config: Any = base.config
-    model_id, model_revision = model_identity(base)
-    if not model_id and isinstance(model, (str, os.PathLike)):
-        model_id = str(model)
+    found_id, model_revision = model_identity(base)
+    model_id = model_id or found_id or (str(model) if isinstance(model, (str, os.PathLike)) else "")
     fit_data = {
         "description": description or _describe(harmful, harmless),
         "n_harmful": n,

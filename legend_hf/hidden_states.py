@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,9 +79,14 @@ def load_model(
 
 
 def model_identity(model: nn.Module) -> tuple[str, str | None]:
-    """(model id or path, commit sha when the Hub told us one)."""
+    """(model id or path, commit sha when known); a Hub-cache snapshot path gives back its repo id and commit."""
     config = model.config
-    return str(getattr(config, "_name_or_path", "") or ""), getattr(config, "_commit_hash", None)
+    name = str(getattr(config, "_name_or_path", "") or "")
+    revision = getattr(config, "_commit_hash", None)
+    snapshot = re.search(r"models--([^/]+?)--([^/]+)/snapshots/([0-9a-f]{40})", name)
+    if snapshot:
+        return f"{snapshot.group(1)}/{snapshot.group(2)}", revision or snapshot.group(3)
+    return name, revision
 
 
 def is_decoder(model: nn.Module) -> bool:

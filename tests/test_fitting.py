@@ -88,3 +88,15 @@ def test_model_object_and_dataset_input(tiny_llama_path):
 def test_bad_fit_input(tiny_llama_path, harmful, kwargs, error, match):
     with pytest.raises(error, match=match):
         fit_direction(str(tiny_llama_path), harmful, **kwargs)
+
+
+def test_model_identity_records_hub_id_and_commit(tiny_llama_path, tmp_path):
+    import shutil
+
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    snapshot = tmp_path / "models--org--tiny-llama" / "snapshots" / sha
+    shutil.copytree(tiny_llama_path, snapshot)
+    from_cache = fit_direction(str(snapshot), HARMFUL[:3])
+    assert (from_cache.model_id, from_cache.model_revision) == ("org/tiny-llama", sha)
+    named = fit_direction(str(tiny_llama_path), HARMFUL[:3], model_id="org/the-hub-id")
+    assert named.model_id == "org/the-hub-id"
