@@ -309,58 +309,86 @@ def annotate_margins(
     """Annotate a ``Dataset`` (or ``IterableDataset``) with margins; returns the dataset with new columns.
 
     Args:
-        scale: ``None`` (raw projections), ``"standardize"`` (divide by the margins' standard deviation,
-            which keeps signs) or a fixed factor.
-        bins: equal-frequency bins over the (scaled) margins; ``margin`` becomes the bin's level
-            (``levels``, default ``0..bins-1``) and ``margin_level`` the bin index. The paper bins margins
-            for robustness.
+        scale, bins, levels: dataset-wide post-processing, see :func:`scale_margins`.
+        num_proc: worker processes (``with_rank``: one model each, on ``cuda:{rank % n_gpus}`` with GPUs).
         options: passed to :class:`MarginAnnotator` (column names, ``max_length``, ``device``, ``dtype``...).
     """
     from datasets import Dataset, Features, Value
 
-    needs_stats = scale == "standardize" or bins is not None
-    fixed_scale = None if scale in (None, "standardize") else float(scale)  # type: ignore[arg-type]
-    annotator = MarginAnnotator(direction, model, tokenizer, scale=fixed_scale, **options)
-    features = None
-    if getattr(dataset, "features", None) is not None:
-        features = Features({**dataset.features, **{c: Value(t) for c, t in annotator.features().items()}})
     if not isinstance(dataset, Dataset):
-        if needs_stats:
+        if scale == "standardize" or bins is not None:
             raise ValueError(
                 "scale='standardize' and bins need the whole dataset: with an IterableDataset pass "
                 "MarginAnnotator(scale=<factor>, bin_edges=[...]) fitted on a sample instead"
             )
-        return dataset.map(
-            annotator, batched=True, batch_size=batch_size, with_indices=True, features=features
+        streaming = MarginAnnotator(
+            direction, model, tokenizer, scale=None if scale is None else float(scale), **options
         )
+        features = None
+        if dataset.features is not None:
+            features = Features(
+                {**dataset.features, **{c: Value(t) for c, t in streaming.features().items()}}
+            )
+        return dataset.map(
+            streaming, batched=True, batch_size=batch_size, with_indices=True, features=features
+        )
+    annotator = MarginAnnotator(direction, model, tokenizer, **options)
+    features = Features({**dataset.features, **{c: Value(t) for c, t in annotator.features().items()}})
     if len(dataset) == 0:  # `map` skips the function on no rows, and with it the new columns
-        post = ["margin_raw", "margin_level"] if bins is not None else ["margin_raw"] if needs_stats else []
-        features = Features({**(features or {}), **{c: Value(COLUMN_TYPES[c]) for c in post}})
-        return Dataset.from_dict({c: [] for c in features}, features=features)
-    map_kwargs: dict[str, Any] = dict(
-        batched=True,
-        batch_size=batch_size,
-        with_indices=True,
-        features=features,
-        load_from_cache_file=load_from_cache_file,
-        desc="legend-hf margins",
+        annotated = Dataset.from_dict({c: [] for c in features}, features=features)
+    else:
+        map_kwargs: dict[str, Any] = dict(
+            batched=True,
+            batch_size=batch_size,
+            with_indices=True,
+            features=features,
+            load_from_cache_file=load_from_cache_file,
+            desc="legend-hf margins",
+        )
+        if num_proc and num_proc > 1:
+            map_kwargs.update(num_proc=num_proc, with_rank=True)
+        annotated = dataset.map(annotator, **map_kwargs)
+    return scale_margins(
+        annotated, direction, scale=scale, bins=bins, levels=levels, load_from_cache_file=load_from_cache_file
     )
-    if num_proc and num_proc > 1:
-        map_kwargs.update(num_proc=num_proc, with_rank=True)
-    annotated = dataset.map(annotator, **map_kwargs)
+
+
+def scale_margins(
+    annotated: Any,
+    direction: SafetyDirection,
+    *,
+    scale: str | float | None = None,
+    bins: int | None = None,
+    levels: Sequence[float] | None = None,
+    load_from_cache_file: bool | None = None,
+) -> Any:
+    """Dataset-wide post-processing of annotated margins; records the settings in ``info.description``.
+
+    Args:
+        scale: ``None`` (raw projections), ``"standardize"`` (divide by the margins' standard deviation,
+            which keeps signs) or a fixed factor. ``margin_raw`` keeps the projection difference.
+        bins: equal-frequency bins over the scaled margins; ``margin`` becomes the bin's level (``levels``,
+            default ``0..bins-1``) and ``margin_level`` the bin index. The paper bins margins for robustness.
+    """
+    from datasets import Features, Value
+
     settings: dict[str, Any] = {
         "direction": direction.source or direction.model_id,
+        "direction_revision": direction.source_revision,
         "direction_fingerprint": direction.fingerprint(),
         "scale": scale,
         "bins": bins,
     }
-    if needs_stats:
-        raw = torch.tensor(annotated["margin"], dtype=torch.float64)
-        factor = (
-            fixed_scale
-            if fixed_scale is not None
-            else (1.0 / float(raw.std()) if len(raw) > 1 and float(raw.std()) > 0 else 1.0)
+    if scale is not None or bins is not None:
+        raw = torch.tensor(
+            annotated["margin_raw" if "margin_raw" in annotated.column_names else "margin"],
+            dtype=torch.float64,
         )
+        if scale == "standardize":
+            std = float(raw.std()) if len(raw) > 1 else 0.0
+            factor = 1.0 / std if std > 0 else 1.0
+        else:
+            factor = 1.0 if scale is None else float(scale)
         edges = None
         if bins is not None:
             if bins < 2:

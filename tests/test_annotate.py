@@ -139,6 +139,8 @@ def test_scale_and_bins(llama_direction, pairs):
     levels = torch.tensor(binned["margin_level"])[order]
     assert (levels[1:] >= levels[:-1]).all()  # levels rise with the margin
     assert '"bins": 3' in binned.info.description
+    both = annotate_margins(pairs, llama_direction, scale=2.0, bins=3)
+    torch.testing.assert_close(torch.tensor(both["margin_raw"], dtype=torch.float64), raw)  # scaled once only
 
 
 def test_streaming_dataset(llama_direction, pairs):
