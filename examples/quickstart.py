@@ -31,7 +31,7 @@ ds = ds.map(MarginAnnotator(direction, model), batched=True, batch_size=32)
 print(ds)
 row = ds[0]
 print({k: row[k] for k in ("margin", "chosen_safety", "rejected_safety", "truncated")})
-labelled = [(m, c) for m, c, r in zip(ds["margin"], ds["chosen_is_safe"], ds["rejected_is_safe"]) if c != r]
+labelled = [(m, c) for m, c, r in zip(ds["margin"], ds["chosen_is_safe"], ds["rejected_is_safe"], strict=True) if c != r]
 print(f"sign agrees with the safe/unsafe label on {sum((m > 0) == c for m, c in labelled)}/{len(labelled)} pairs")
 
 # 3. The convenience wrapper: standardised margins in 5 equal-frequency levels (the paper bins margins).
