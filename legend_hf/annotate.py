@@ -46,7 +46,8 @@ class MarginAnnotator:
     the scaled margin to a level (``margin_level``; ``margin`` becomes ``levels[level]``).
     Speed: the forward pass stops at the direction's layer; decoders run the prompt shared by chosen and
     rejected once and continue both from its KV cache (``share_prompt``); texts are batched in length
-    order by ``max_tokens_per_batch`` padded tokens (``batch_size`` caps rows); ``dtype="bfloat16"``
+    order by ``max_tokens_per_batch`` padded tokens (``batch_size`` caps rows; default 1 on a CPU, where
+    padded batches measured ~2x slower); ``dtype="bfloat16"``
     runs the model in bf16 (pooling and projection stay fp32/fp64).
     Empty responses are valid: the text is then prompt plus template, never NaN. The model loads at
     construction (so a mismatched direction fails before any compute) unless ``lazy=True``.

@@ -358,8 +358,7 @@ class LayerReader:
         sharing = [i for i, n in enumerate(shared) if n > 0]
         # The continuation pass holds 2 rows of (prefix + suffix) per pair: budget on that.
         cost = [2 * max(len(first[i]), len(second[i])) for i in sharing]
-        budget = max(max_tokens, max(cost, default=1))
-        for group in length_batches(cost, max_tokens=budget, max_batch_size=max_batch_size):
+        for group in length_batches(cost, max_tokens=max_tokens, max_batch_size=max_batch_size):
             batch = [sharing[j] for j in group]
             prefixes = [list(first[i][: shared[i]]) for i in batch]
             suffixes = [list(first[i][shared[i] :]) for i in batch] + [
@@ -432,8 +431,11 @@ class TextReader:
         self.template = template
         self.layer_reader = LayerReader(model, layers, pooling)
         self.max_length = max_length or context_length(model, tokenizer)
-        self.max_tokens_per_batch = max(max_tokens_per_batch, self.max_length)
-        self.batch_size = batch_size
+        self.max_tokens_per_batch = max_tokens_per_batch
+        # On a CPU one text (or pair) per forward beats padded batches (bench/README.md: ~2x on 2 cores).
+        self.batch_size = (
+            batch_size if batch_size is not None else (1 if self.layer_reader.device.type == "cpu" else None)
+        )
         self.share_prompt = share_prompt and self.layer_reader.can_share_prefix
         pad_id = tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)

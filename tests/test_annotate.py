@@ -63,6 +63,10 @@ def test_invariant_to_batch_size_padding_side_and_row_order(tiny_model_path, pai
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1)).tolist()
     shuffled = pairs.select(order).map(MarginAnnotator(direction), batched=True, batch_size=7)
     torch.testing.assert_close(margins(shuffled), reference[order], atol=1e-5, rtol=0)
+    padded = MarginAnnotator(direction, batch_size=64, max_tokens_per_batch=100_000)  # many rows per forward
+    torch.testing.assert_close(
+        margins(pairs.map(padded, batched=True, batch_size=64)), reference, atol=1e-5, rtol=0
+    )
     unshared = pairs.map(MarginAnnotator(direction, share_prompt=False), batched=True, batch_size=64)
     torch.testing.assert_close(margins(unshared), reference, atol=1e-5, rtol=0)
     direct = MarginAnnotator(direction)(pairs[:])

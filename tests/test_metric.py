@@ -65,7 +65,9 @@ def test_model_is_loaded_once_per_metric_object(metric, monkeypatch):
 
     calls = []
     original = legend_hf.annotate.load_model
-    monkeypatch.setattr(legend_hf.annotate, "load_model", lambda *a, **k: calls.append(a) or original(*a, **k))
+    monkeypatch.setattr(
+        legend_hf.annotate, "load_model", lambda *a, **k: calls.append(a) or original(*a, **k)
+    )
     first = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED)
     second = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED)
     assert len(calls) == 1 and first == second

@@ -1,0 +1,123 @@
+"""Reading and writing the datasets the command line works on, and the data that ships with the package.
+
+``load_data`` takes a local CSV/JSON/JSONL/Parquet file, a folder written by ``save_to_disk``, a local
+dataset folder, or a Hub dataset id; ``pku_saferlhf_to_pairs`` turns PKU-SafeRLHF's raw schema
+(``response_0``/``response_1`` + ``safer_response_id``) into chosen/rejected pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .formatting import InputError
+
+DATA_DIR = Path(__file__).parent / "data"
+SAMPLE_PREFERENCES = DATA_DIR / "sample_preferences.jsonl"
+FIT_HARMFUL = DATA_DIR / "fit_harmful.jsonl"
+REFUSALS = DATA_DIR / "refusals.json"
+DEFAULT_DIRECTION = DATA_DIR / "smv-smollm2"
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
+OUTPUT_FORMATS = ("parquet", "jsonl")
+PKU_COLUMNS = ("response_0", "response_1")
+
+
+def load_data(
+    source: str | os.PathLike[str],
+    *,
+    split: str = "train",
+    name: str | None = None,
+    revision: str | None = None,
+    limit: int | None = None,
+) -> Any:
+    """One split of a dataset as a ``datasets.Dataset``, from a local file or folder or a Hub dataset id.
+
+    Local files are read with the ``datasets`` builder for their extension (their single split is used,
+    whatever ``split`` says); ``limit`` keeps the first rows.
+    """
+    import datasets
+
+    path = Path(source)
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise InputError(f"{path}: unknown file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    elif path.is_dir() and (path / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    elif path.is_dir() or _looks_local(str(source)):
+        if not path.exists():
+            raise FileNotFoundError(f"{source}: no such file or folder")
+        dataset = datasets.load_dataset(str(path), name=name, split=split)
+    else:
+        dataset = datasets.load_dataset(str(source), name=name, split=split, revision=revision)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+def _looks_local(source: str) -> bool:
+    """A path the user meant as a file (an extension, a leading ./ or /, more than one slash)."""
+    return (
+        Path(source).suffix.lower() in FILE_BUILDERS
+        or source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+    )
+
+
+def write_dataset(dataset: Any, path: str | os.PathLike[str]) -> Path:
+    """Write Parquet (``.parquet``) or JSON Lines (``.jsonl``/``.json``), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        dataset.to_parquet(str(path))
+    elif path.suffix in (".jsonl", ".json"):
+        dataset.to_json(str(path), lines=True, force_ascii=False)
+    else:
+        raise ValueError(f"{path}: write .parquet or .jsonl")
+    return path
+
+
+def is_pku_saferlhf(column_names: list[str]) -> bool:
+    return all(c in column_names for c in (*PKU_COLUMNS, "safer_response_id"))
+
+
+def pku_saferlhf_to_pairs(dataset: Any, *, preference: str = "safer") -> Any:
+    """PKU-SafeRLHF rows (prompt, response_0, response_1, ``safer_response_id``...) as preference pairs.
+
+    ``chosen`` is the safer response (``preference="better"``: the more helpful one, ``better_response_id``),
+    ``rejected`` the other. The per-response labels follow the pair as ``chosen_is_safe``/``rejected_is_safe``
+    and ``chosen_severity``/``rejected_severity`` so that ``legend-hf report`` can score margins against them;
+    ``chosen_is_safer`` records whether chosen is the safer one. The original columns are kept.
+    """
+    id_column = f"{preference}_response_id"
+    if preference not in ("safer", "better"):
+        raise ValueError(f"preference must be 'safer' or 'better', got {preference!r}")
+    missing = [c for c in (*PKU_COLUMNS, id_column) if c not in dataset.column_names]
+    if missing:
+        raise KeyError(
+            f"not PKU-SafeRLHF data: missing column(s) {missing}; the dataset has {dataset.column_names}"
+        )
+    taken = [c for c in ("chosen", "rejected") if c in dataset.column_names]
+    if taken:
+        raise ValueError(f"the dataset already has {taken} column(s): it needs no PKU-SafeRLHF conversion")
+    columns = dataset.column_names
+
+    def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
+        first = row[id_column]
+        if first not in (0, 1):
+            raise InputError(f"column {id_column!r}, row {index}: expected 0 or 1, got {first!r}")
+        second = 1 - first
+        out: dict[str, Any] = {"chosen": row[f"response_{first}"], "rejected": row[f"response_{second}"]}
+        if "safer_response_id" in columns:
+            out["chosen_is_safer"] = row["safer_response_id"] == first
+        for side, i in (("chosen", first), ("rejected", second)):
+            if f"is_response_{i}_safe" in columns:
+                out[f"{side}_is_safe"] = row[f"is_response_{i}_safe"]
+            if f"response_{i}_severity_level" in columns:
+                out[f"{side}_severity"] = row[f"response_{i}_severity_level"]
+        return out
+
+    return dataset.map(convert, with_indices=True, desc="PKU-SafeRLHF to chosen/rejected")

@@ -1,0 +1,111 @@
+"""Post-fit recipes that `fit_direction` does not do itself: projecting nuisance directions out.
+
+A probe fitted on harmful answers against refusals also learns what merely co-varies with the label,
+above all response length (refusals are short). `length_direction` estimates, at each layer, how hidden
+states move when the same kind of response gets longer (long minus short half of a group of texts),
+and `project_out` removes such directions from every vector of a `SafetyDirection`. `remove_length`
+does both from fit data, reading it in one forward pass. In bench/quality.py this kept held-out accuracy
+and AUC and brought the correlation of margins with length difference on refusal-vs-compliance pairs
+from -0.3 to 0.0 with SmolLM2 (see bench/README.md, "Quality").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .direction import SafetyDirection
+from .fitting import read_rows
+from .formatting import TextTemplate
+from .hidden_states import TextReader, load_model
+
+
+def length_direction(states: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """Mean state of the longer half of a group of texts minus that of the shorter half (median split).
+
+    Use a group of texts of one kind (e.g. only refusals): across kinds, length and label are confounded.
+    """
+    if len(states) != len(lengths):
+        raise ValueError(f"{len(states)} states but {len(lengths)} lengths")
+    n = torch.tensor(list(lengths), dtype=torch.float64)
+    long, short = n > n.median(), n <= n.median()
+    if not long.any():
+        raise ValueError("all texts of the group have the same length: no length direction to estimate")
+    x = states.double()
+    return x[long].mean(0) - x[short].mean(0)
+
+
+def project_out(
+    direction: SafetyDirection, nuisance: Mapping[int, Sequence[torch.Tensor]], *, name: str
+) -> SafetyDirection:
+    """A copy of ``direction`` whose vector at each layer has no component along that layer's nuisance
+    directions (an orthonormal basis of their span is removed). Recorded as ``fit_data["projected_out"]``.
+    """
+    vectors = {}
+    for layer, vector in direction.vectors.items():
+        if layer not in nuisance:
+            raise ValueError(f"no nuisance direction for layer {layer}; got layers {sorted(nuisance)}")
+        basis, _ = torch.linalg.qr(torch.stack([d.double() for d in nuisance[layer]], dim=1))
+        v = vector.double()
+        vectors[layer] = (v - basis @ (basis.T @ v)).float()
+    fit_data = {**direction.fit_data, "projected_out": [*direction.fit_data.get("projected_out", []), name]}
+    return replace(direction, vectors=vectors, fit_data=fit_data, layer_scores={})
+
+
+def remove_length(
+    direction: SafetyDirection,
+    groups: Sequence[Any],
+    *,
+    model: str | os.PathLike[str] | nn.Module | None = None,
+    tokenizer: Any = None,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    max_tokens_per_batch: int = 8192,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> SafetyDirection:
+    """Project the mean length direction of ``groups`` out of every layer of ``direction``.
+
+    Each group is a ``datasets.Dataset`` or list of dicts of one kind of (prompt, response) rows, e.g. the
+    harmful answers, and the refusals, the direction was fitted on; its length direction is the long minus
+    the short half by response tokens, and the mean over groups is removed. All groups are read in one
+    pass with the direction's model, template, pooling and layers. Held-out layer scores are dropped
+    (they describe the vectors before projection): re-score with ``legend_hf.evaluation``.
+    """
+    rows = [
+        read_rows(g, prompt_column=prompt_column, response_column=response_column, name=f"groups[{i}]")
+        for i, g in enumerate(groups)
+    ]
+    if not rows:
+        raise ValueError("remove_length needs at least one group of texts")
+    revision = None
+    if model is None:
+        model, revision = direction.model_id, direction.model_revision
+    base, tokenizer = load_model(model, tokenizer, revision=revision, dtype=dtype, device=device)
+    direction.check_model(base)
+    reader = TextReader(
+        base,
+        tokenizer,
+        layers=sorted(direction.vectors),
+        pooling=direction.pooling,
+        template=TextTemplate.resolve(direction.template, tokenizer),
+        max_length=direction.max_length,
+        max_tokens_per_batch=max_tokens_per_batch,
+    )
+    flat = [conversation for group in rows for conversation in group]
+    states, _ = reader.read(flat)
+    lengths = [len(ids) for ids in tokenizer([r for _, r in flat], add_special_tokens=False)["input_ids"]]
+    spans, start = [], 0
+    for group in rows:
+        spans.append(slice(start, start + len(group)))
+        start += len(group)
+    nuisance = {}
+    for layer, layer_states in states.items():
+        per_group = [length_direction(layer_states[span], lengths[span]) for span in spans]
+        nuisance[layer] = [torch.stack(per_group).mean(0)]
+    return project_out(direction, nuisance, name="length")

