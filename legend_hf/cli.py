@@ -270,7 +270,35 @@ class AnnotateArguments:
     )
     levels: list[float] | None = field(default=None, metadata=_help("level of each bin (default 0..bins-1)"))
     batch_size: int = field(default=32, metadata=_help("rows per map batch"))
-    num_proc: int | None = field(default=None, metadata=_help("map worker processes (one model each)"))
+    num_proc: int | None = field(
+        default=None, metadata=_help("map worker processes, one model each (--engine local)")
+    )
+    engine: Literal["local", "torchrun", "ray"] = field(
+        default="local",
+        metadata=_help(
+            "local: Dataset.map in this process (or --num_proc workers). torchrun: resumable shards; start the "
+            "same command on every rank with torchrun or accelerate launch, rank 0 merges. ray: a Ray Data "
+            "actor pool on the running cluster (RAY_ADDRESS) or a local one; needs legend-hf[ray]"
+        ),
+    )
+    work_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "folder of the engine's Parquet parts (torchrun, ray); shared storage across machines; "
+            "default <output_dir>/parts-<engine>. A torchrun run resumes from its finished shards there"
+        ),
+    )
+    shard_size: int = field(
+        default=10_000, metadata=_help("rows per shard (torchrun): what a killed run recomputes at most")
+    )
+    num_actors: int | None = field(
+        default=None,
+        metadata=_help("Ray actors, one model each (default: one per GPU, else per CPU, minus one CPU)"),
+    )
+    num_gpus_per_actor: float | None = field(
+        default=None, metadata=_help("GPUs per Ray actor (default: 1 when the cluster has GPUs, else 0)")
+    )
+    num_cpus_per_actor: float = field(default=1, metadata=_help("CPUs per Ray actor"))
     output_dir: str = field(
         default=str(OUTPUT_ROOT / "annotated"),
         metadata=_help(
@@ -666,13 +694,17 @@ def _fit_description(args: FitArguments, refusals: list[str] | None) -> str:
 
 
 def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: RuntimeArguments) -> int:
-    from .annotate import annotate_margins
+    from .annotate import annotate_margins, scale_margins
     from .cards import dataset_card, push_annotated_dataset
     from .direction import SafetyDirection
 
     scale = _parse_scale(args.scale)
     if args.levels is not None and args.bins is None:
         raise UsageError("--levels needs --bins")
+    if args.engine != "local" and args.num_proc:
+        raise UsageError(f"--num_proc is for --engine local; --engine {args.engine} runs its own workers")
+    if args.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError('--engine ray needs Ray: pip install "legend-hf[ray]"')
     output_dir = Path(args.output_dir)
     start = time.perf_counter()
     direction = SafetyDirection.from_pretrained(args.direction, revision=args.direction_revision)
@@ -692,15 +724,8 @@ def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: Runtime
             "(set --chosen_column/--rejected_column, or --pku_saferlhf for PKU-SafeRLHF data)"
         )
     model, _ = resolve_model(args.model or direction.model_id)
-    annotated = annotate_margins(
-        dataset,
-        direction,
+    options: dict[str, Any] = dict(
         model=model,
-        scale=scale,
-        bins=args.bins,
-        levels=args.levels,
-        batch_size=args.batch_size,
-        num_proc=args.num_proc,
         prompt_column=args.prompt_column,
         chosen_column=args.chosen_column,
         rejected_column=args.rejected_column,
@@ -710,6 +735,22 @@ def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: Runtime
         dtype=runtime.dtype,
         revision=runtime.model_revision,
     )
+    if args.engine == "local":
+        annotated = annotate_margins(
+            dataset,
+            direction,
+            scale=scale,
+            bins=args.bins,
+            levels=args.levels,
+            batch_size=args.batch_size,
+            num_proc=args.num_proc,
+            **options,
+        )
+    else:
+        annotated = _annotate_with_engine(args, dataset, direction, options)
+        if annotated is None:  # a torchrun rank other than 0: its shards are written, rank 0 merges
+            return EXIT_OK
+        annotated = scale_margins(annotated, direction, scale=scale, bins=args.bins, levels=args.levels)
     elapsed = time.perf_counter() - start
     local = Path(args.dataset).exists()
     source = Path(args.dataset).name if local else args.dataset
@@ -756,6 +797,36 @@ def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: Runtime
         )
         print(f"  pushed             {getattr(commit, 'commit_url', args.push_to_hub)}")
     return EXIT_OK
+
+
+def _annotate_with_engine(
+    args: AnnotateArguments, dataset: Any, direction: Any, options: dict[str, Any]
+) -> Any:
+    """Raw margins from the torchrun or Ray engine, merged in input order (``None`` on torchrun ranks > 0)."""
+    from .distributed import annotate_distributed, load_annotated
+
+    work_dir = Path(args.work_dir or Path(args.output_dir) / f"parts-{args.engine}")
+    if args.engine == "torchrun":
+        return annotate_distributed(
+            dataset, direction, work_dir, shard_size=args.shard_size, batch_size=args.batch_size, **options
+        )
+    from .ray_engine import annotate_with_ray
+
+    if work_dir.exists() and any(work_dir.iterdir()):
+        raise UsageError(
+            f"--work_dir {work_dir} is not empty (a Ray run writes new parts): remove it or pass another folder"
+        )
+    annotate_with_ray(
+        dataset,
+        direction,
+        output=work_dir,
+        num_actors=args.num_actors,
+        num_gpus_per_actor=args.num_gpus_per_actor,
+        num_cpus_per_actor=args.num_cpus_per_actor,
+        batch_size=args.batch_size,
+        **options,
+    )
+    return load_annotated(work_dir)
 
 
 def run_report(args: ReportArguments, data: InputArguments) -> int:

