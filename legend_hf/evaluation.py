@@ -473,6 +473,7 @@ def evaluate_direction(
         template=TextTemplate.resolve(direction.template, tokenizer),
         max_length=max_length or direction.max_length,
         max_tokens_per_batch=max_tokens_per_batch,
+        progress="legend-hf evaluate: reading texts",
     )
     states = read_pair_states(reader, pairs)
     scores = score_layers({k: direction.vectors[k] for k in wanted}, states, pairs)

@@ -213,6 +213,7 @@ def fit_direction(
         template=text_template,
         max_length=max_length,
         max_tokens_per_batch=max_tokens_per_batch,
+        progress="legend-hf fit: reading texts",
     )
     if paired:  # each harmful row and its safe row share the prompt: run it once
         states, truncated = reader.read_pairs(harmful_rows, safe_rows)

@@ -13,7 +13,7 @@ import inspect
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,8 +319,11 @@ class LayerReader:
         padding_side: str = "right",
         max_tokens: int = 8192,
         max_batch_size: int | None = None,
+        on_batch: Callable[[int], object] | None = None,
     ) -> dict[int, torch.Tensor]:
-        """Pooled states of every text, in input order, batched by ``max_tokens`` in length order."""
+        """Pooled states of every text, in input order, batched by ``max_tokens`` in length order.
+
+        ``on_batch(n)`` is called after each batch of ``n`` texts (a progress bar's ``update``)."""
         out = self._empty(len(input_ids))
         for i, row in enumerate(input_ids):
             if not row:
@@ -331,6 +334,8 @@ class LayerReader:
             states = self(ids, mask)
             for k in self.layers:
                 out[k][batch] = states[k]
+            if on_batch is not None:
+                on_batch(len(batch))
         return out
 
     def read_pairs(
@@ -341,6 +346,7 @@ class LayerReader:
         pad_id: int,
         max_tokens: int = 8192,
         max_batch_size: int | None = None,
+        on_batch: Callable[[int], object] | None = None,
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Pooled states of text pairs that share a token prefix (a prompt), running the prefix once.
 
@@ -362,7 +368,9 @@ class LayerReader:
         alone = [i for i, n in enumerate(shared) if n == 0]  # nothing to share: read in full
         if alone:
             texts = [first[i] for i in alone] + [second[i] for i in alone]
-            states = self.read(texts, pad_id=pad_id, max_tokens=max_tokens, max_batch_size=max_batch_size)
+            states = self.read(
+                texts, pad_id=pad_id, max_tokens=max_tokens, max_batch_size=max_batch_size, on_batch=on_batch
+            )
             for k in self.layers:
                 out_first[k][alone], out_second[k][alone] = states[k][: len(alone)], states[k][len(alone) :]
         sharing = [i for i, n in enumerate(shared) if n > 0]
@@ -378,6 +386,8 @@ class LayerReader:
             for k in self.layers:
                 out_first[k][batch] = states[k][: len(batch)]
                 out_second[k][batch] = states[k][len(batch) :]
+            if on_batch is not None:
+                on_batch(2 * len(batch))
         return out_first, out_second
 
     def _read_continuations(
@@ -436,8 +446,10 @@ class TextReader:
         max_tokens_per_batch: int = 8192,
         batch_size: int | None = None,
         share_prompt: bool = True,
+        progress: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.progress = progress  # a progress bar's description (texts/s, ETA; shown on terminals), or none
         self.template = template
         self.layer_reader = LayerReader(model, layers, pooling)
         self.max_length = max_length or context_length(model, tokenizer)
@@ -449,6 +461,12 @@ class TextReader:
         self.share_prompt = share_prompt and self.layer_reader.can_share_prefix
         pad_id = tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)
+
+    def _bar(self, total: int) -> Any:
+        from tqdm.auto import tqdm
+
+        # disable=None: shown on a terminal, silent in logs and CI; disable=True without a description.
+        return tqdm(total=total, desc=self.progress, unit="text", disable=None if self.progress else True)
 
     def texts(self, conversations: Sequence[Conversation]) -> list[str]:
         return [self.template.render(self.tokenizer, prompt, response) for prompt, response in conversations]
@@ -464,13 +482,15 @@ class TextReader:
     def read(self, conversations: Sequence[Conversation]) -> tuple[dict[int, torch.Tensor], list[bool]]:
         """Pooled fp32 states ``{layer: (n, hidden)}`` in input order, and a truncated flag per text."""
         encoded = self._encode(conversations)
-        states = self.layer_reader.read(
-            encoded.input_ids,
-            pad_id=self.pad_id,
-            padding_side=getattr(self.tokenizer, "padding_side", "right") or "right",
-            max_tokens=self.max_tokens_per_batch,
-            max_batch_size=self.batch_size,
-        )
+        with self._bar(len(conversations)) as bar:
+            states = self.layer_reader.read(
+                encoded.input_ids,
+                pad_id=self.pad_id,
+                padding_side=getattr(self.tokenizer, "padding_side", "right") or "right",
+                max_tokens=self.max_tokens_per_batch,
+                max_batch_size=self.batch_size,
+                on_batch=bar.update,
+            )
         return states, encoded.truncated
 
     def read_pairs(
@@ -485,11 +505,13 @@ class TextReader:
         if not self.share_prompt:
             return self.read([*first, *second])
         a, b = self._encode(first), self._encode(second)
-        states_a, states_b = self.layer_reader.read_pairs(
-            a.input_ids,
-            b.input_ids,
-            pad_id=self.pad_id,
-            max_tokens=self.max_tokens_per_batch,
-            max_batch_size=self.batch_size,
-        )
+        with self._bar(len(first) + len(second)) as bar:
+            states_a, states_b = self.layer_reader.read_pairs(
+                a.input_ids,
+                b.input_ids,
+                pad_id=self.pad_id,
+                max_tokens=self.max_tokens_per_batch,
+                max_batch_size=self.batch_size,
+                on_batch=bar.update,
+            )
         return {k: torch.cat([states_a[k], states_b[k]]) for k in states_a}, a.truncated + b.truncated

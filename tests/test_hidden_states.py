@@ -104,3 +104,18 @@ def test_token_budget_batching_equals_one_by_one(tiny_llama_path):
         torch.testing.assert_close(
             reader.read(ids, pad_id=0, max_tokens=budget)[2], one_by_one[2], atol=1e-5, rtol=0
         )
+
+
+def test_progress_counts_every_text_once(tiny_llama_path):
+    """The progress callback (a bar's update) sees each text once, shared prompts included."""
+    model = AutoModel.from_pretrained(tiny_llama_path).eval()
+    reader = LayerReader(model, [1], "last")
+    first = [[101, 5, 6, 7], [101, 9], [5, 6]]
+    second = [[101, 5, 6, 8], [101, 9, 9, 4], [7]]  # the last pair shares nothing: read in full
+    for max_tokens in (1, 10_000):
+        done: list[int] = []
+        reader.read_pairs(first, second, pad_id=0, max_tokens=max_tokens, on_batch=done.append)
+        assert sum(done) == 6
+        done.clear()
+        reader.read(first + second, pad_id=0, max_tokens=max_tokens, on_batch=done.append)
+        assert sum(done) == 6 and len(done) == (6 if max_tokens == 1 else 1)
