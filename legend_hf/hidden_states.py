@@ -404,8 +404,10 @@ class LayerReader:
         config: Any = self.model.config
         cache = DynamicCache(config=config)
         prefix_states = self.hidden(prefix_ids, prefix_mask, cache=cache)
-        keep = prefix_mask.to(device).bool().unsqueeze(-1)
-        prefix_sums = {k: torch.where(keep, v.float(), 0.0).sum(1) for k, v in prefix_states.items()}
+        prefix_sums = {}
+        if self.pooling == "mean":  # the prompt's part of each mean pool
+            keep = prefix_mask.to(device).bool().unsqueeze(-1)
+            prefix_sums = {k: torch.where(keep, v.float(), 0.0).sum(1) for k, v in prefix_states.items()}
         cache.reorder_cache(repeat.to(device))  # type: ignore[arg-type]
         full_mask = torch.cat([prefix_mask[repeat], suffix_mask], dim=1)
         positions = prefix_len[repeat].unsqueeze(1) + torch.arange(suffix_ids.shape[1]).unsqueeze(0)
