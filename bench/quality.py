@@ -9,9 +9,13 @@ the cached states. Fit and evaluation prompts never overlap (checked at run time
 
 Data (``--data-dir``, the team's shared folder; the run stops with a clear message when it is missing):
 AdvBench (fit, dev and test splits of its prompts), HarmBench standard behaviours (dev and test),
-XSTest (a nuisance split and a test split), HH-RLHF harmless-base; and legend_hf/data: fit_harmful.jsonl
-(fit only), refusals.json (fit only) and sample_preferences.jsonl (test only). Test refusals, safe
+XSTest (a nuisance split and a test split), HH-RLHF harmless-base; and legend_hf/data: fit_harmful.jsonl,
+refusals.json and safe_completions.json (fit only), advbench_fit.jsonl (the AdvBench fit split, checked
+by --shipped), sample_preferences.jsonl (every third row test, the others dev). Test refusals, safe
 answers and compliance texts below are written for this benchmark and used by no fit recipe.
+
+    python bench/quality.py --data-dir ../shared/data --model smollm2 --out /tmp/shipped --shipped \
+        [--direction /tmp/smv-new]   # the recommended recipe from package data (or a saved direction)
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from legend_hf.evaluation import (
 from legend_hf.fitting import DEFAULT_REFUSAL, direction_from_states, layer_scores
 from legend_hf.formatting import TextTemplate, to_conversation
 from legend_hf.hidden_states import load_model, num_layers, pad
+from legend_hf.recipes import balanced_harmless
 
 Conversation = tuple[list[dict[str, str]], str]
 POOLINGS = ("last", "mean", "response")
@@ -218,8 +223,12 @@ def build_sets(
     preferences = [json.loads(line) for line in (PACKAGE_DATA / "sample_preferences.jsonl").open()]
     step = max(1, len(preferences) // n_preferences)
     preferences_test = preferences[::step][:n_preferences]  # every step-th row keeps the pair-type mix
+    # The other rows (other prompts) are dev pairs of every pair type: length correlation over all pairs.
+    test_rows = {id(r) for r in preferences_test}
+    preferences_dev = [r for r in preferences if id(r) not in test_rows]
     fit_harmful = [json.loads(line) for line in (PACKAGE_DATA / "fit_harmful.jsonl").open()]
     refusals = json.loads((PACKAGE_DATA / "refusals.json").read_text())
+    completions = json.loads((PACKAGE_DATA / "safe_completions.json").read_text())
     hh = [json.loads(line) for line in files["hh"].open()]
     rng.shuffle(hh)
 
@@ -242,6 +251,16 @@ def build_sets(
             user(r["prompt"], (refusals + FIT_SAFE)[i % (len(refusals) + len(FIT_SAFE))])
             for i, r in enumerate(fit_harmful)
         ],
+        # Balanced safe side: refusals and safe completions alternate, so half the safe texts are long.
+        "adv_balanced": [
+            user(r["goal"], r["target"])
+            for r in balanced_harmless(
+                adv_fit, refusals, completions, prompt_column="goal", response_column="target"
+            )
+        ],
+        "fh_balanced": [
+            user(r["prompt"], r["response"]) for r in balanced_harmless(fit_harmful, refusals, completions)
+        ],
         # What fit_direction(fit_harmful, refusals=refusals.json) reads: package data only.
         "fh_refusals": [user(r["prompt"], refusals[i % len(refusals)]) for i, r in enumerate(fit_harmful)],
         "xs_refusal": [user(r["prompt"], refusals[i % len(refusals)]) for i, r in enumerate(xs_nuisance)],
@@ -261,6 +280,7 @@ def build_sets(
                 lambda i, p: DEV_REFUSALS[(i + 1) % 3],
                 lambda i, p: DEV_COMPLY[i % 2].format(task=task_of(p)),
             ),
+            "preferences": LabelledPairs.from_data(preferences_dev),
         }
     )
     test_safe = TEST_REFUSALS + TEST_SAFE
@@ -460,7 +480,11 @@ class Recipe:
     # "last"; "auto": best AUC on fit_direction's held-out split of the fit pairs; "separation": best d' on
     # that split; "dev": best pair accuracy on the dev pairs (held-out prompts, other texts than test)
     layer: str | int = "last"
-    remove: tuple[str, ...] = ()  # nuisance directions projected out: "length", "refusal_style"
+    # Nuisance directions projected out of the vector: "length" (mean over fit groups of long minus short
+    # half), "length_groups" (each group's own, a subspace), "length_regression" (each group's slope of
+    # states on log length, a subspace), "refusal_style" (refusing minus helping on safe XSTest prompts)
+    remove: tuple[str, ...] = ()
+    prefit: bool = False  # also project the nuisance directions out of the fit states before fitting
     combine: int = 1  # >1: average standardised projections over this many best dev layers
     options: str = ""  # the fit_direction call that reproduces it (when the core can)
 
@@ -472,7 +496,7 @@ def unit(v: torch.Tensor) -> torch.Tensor:
 def nuisance_directions(cached: Cached, recipe: Recipe, layer: int) -> list[torch.Tensor]:
     out = []
     p = recipe.pooling
-    if "length" in recipe.remove:
+    if {"length", "length_groups"} & set(recipe.remove):
         # Long minus short texts within each class of the fit data (median split by response tokens).
         diffs = []
         for name in recipe.harmful + recipe.safe:
@@ -481,7 +505,14 @@ def nuisance_directions(cached: Cached, recipe: Recipe, layer: int) -> list[torc
             long, short = lengths > lengths.median(), lengths <= lengths.median()
             if long.any() and short.any():
                 diffs.append(states[long].mean(0) - states[short].mean(0))
-        out.append(torch.stack(diffs).mean(0))
+        out += [torch.stack(diffs).mean(0)] if "length" in recipe.remove else diffs
+    if "length_regression" in recipe.remove:
+        # Per group: least-squares slope of the (centred) states on the (centred) log response length.
+        for name in recipe.harmful + recipe.safe:
+            log_length = torch.tensor(cached.fit_lengths[name], dtype=torch.float64).log()
+            log_length -= log_length.mean()
+            states = cached.fit[name][p][:, layer].double()
+            out.append((states - states.mean(0)).T @ log_length / (log_length @ log_length))
     if "refusal_style" in recipe.remove:
         # Refusing a *safe* XSTest prompt minus helping with it: refusal style without harm.
         out.append(
@@ -493,7 +524,7 @@ def nuisance_directions(cached: Cached, recipe: Recipe, layer: int) -> list[torc
 
 def fit_vectors(cached: Cached, recipe: Recipe, n_layers: int) -> dict[int, torch.Tensor]:
     """A vector per layer, memoised: the layer rule and layer combination do not change the vectors."""
-    key = (recipe.harmful, recipe.safe, recipe.method, recipe.pooling, recipe.remove)
+    key = (recipe.harmful, recipe.safe, recipe.method, recipe.pooling, recipe.remove, recipe.prefit)
     if key not in cached.vectors:
         cached.vectors[key] = fit_vectors_uncached(cached, recipe, n_layers)
     return cached.vectors[key]
@@ -507,10 +538,13 @@ def fit_vectors_uncached(cached: Cached, recipe: Recipe, n_layers: int) -> dict[
     paired = len(harmful) == len(safe)
     vectors = {}
     for k in range(1, n_layers + 1):
-        v = direction_from_states(safe[:, k], harmful[:, k], recipe.method, paired=paired).double()
         nuisance = nuisance_directions(cached, recipe, k)
-        if nuisance:
-            q, _ = torch.linalg.qr(torch.stack(nuisance, dim=1))
+        q = torch.linalg.qr(torch.stack(nuisance, dim=1))[0] if nuisance else None
+        s, h = safe[:, k].double(), harmful[:, k].double()
+        if recipe.prefit and q is not None:
+            s, h = s - (s @ q) @ q.T, h - (h @ q) @ q.T
+        v = direction_from_states(s, h, recipe.method, paired=paired).double()
+        if q is not None:
             v = v - q @ (q.T @ v)
         vectors[k] = v.float()
     return vectors
@@ -547,7 +581,9 @@ def choose_layer(
     if recipe.layer == "separation":
         cached.layers[key] = [max(range(1, n_layers + 1), key=lambda k: separation(cached, recipe, k))]
         return cached.layers[key]
-    dev = score_layers(vectors, cached.dev[recipe.pooling], dev_pairs)
+    # Pair accuracy on the AdvBench and HarmBench dev pairs (refusal vs compliance, texts written for dev).
+    rvc = [i for i, g in enumerate(dev_pairs.groups) if g in ("advbench", "harmbench")]
+    dev = score_layers(vectors, cached.dev[recipe.pooling].select(rvc), dev_pairs.select(rvc))
     ranked = sorted(
         dev, key=lambda k: (dev[k]["all"]["pair_accuracy"], dev[k]["all"]["auc"], k), reverse=True
     )
@@ -569,6 +605,74 @@ def separation(cached: Cached, recipe: Recipe, layer: int, holdout: float = 0.2)
     return float((a.mean() - b.mean()) / ((a.var() + b.var()) / 2).sqrt())
 
 
+DEV_COLUMNS = ("rvc_accuracy", "auc_harmful_prompts", "length_spearman", "length_spearman_rvc")
+
+
+def scores_row(
+    f: Sequence[float], s: Sequence[float], pairs: LabelledPairs, length_diff: Sequence[float]
+) -> dict[str, float]:
+    """The table's scores from per-response safety scores of both sides of every pair."""
+    groups = pairs.groups
+    main = [i for i, g in enumerate(groups) if is_main(g)]
+    rvc = [
+        i for i, g in enumerate(groups) if g in ("advbench", "harmbench", "preferences:refusal_vs_compliance")
+    ]
+    unsafe_prompts = [i for i in main if not groups[i].endswith("benign")]
+
+    def q(rows: list[int], metric: str) -> float:
+        return pair_quality(f, s, pairs, length_diff, rows=rows)[metric]
+
+    def grp(name: str) -> list[int]:
+        return [i for i, g in enumerate(groups) if g == name]
+
+    return {
+        "rvc_accuracy": q(rvc, "pair_accuracy"),
+        "auc_harmful_prompts": q(unsafe_prompts, "auc"),
+        "length_spearman": q(main, "length_spearman"),
+        "length_spearman_rvc": q(rvc, "length_spearman"),
+        # Oriented so the safer response is first: does the safer side win by more when it is shorter?
+        "length_spearman_rvc_oriented": spearman(
+            [(f[i] - s[i]) * (1 if pairs.first_is_safer[i] else -1) for i in rvc],
+            [length_diff[i] * (1 if pairs.first_is_safer[i] else -1) for i in rvc],
+        ),
+        "severity_spearman": q(grp("preferences:unsafe_vs_unsafe"), "severity_spearman"),
+        "advbench": q(grp("advbench"), "pair_accuracy"),
+        "harmbench": q(grp("harmbench"), "pair_accuracy"),
+        "preferences_rvc": q(grp("preferences:refusal_vs_compliance"), "pair_accuracy"),
+        "preferences_auc": q([i for i, g in enumerate(groups) if g.startswith("preferences")], "auc"),
+        "unsafe_vs_unsafe": q(grp("preferences:unsafe_vs_unsafe"), "pair_accuracy"),
+        "style_swap": q(grp("style_swap"), "pair_accuracy"),
+        "xstest": q(grp("xstest"), "pair_accuracy"),
+        "hh_harmless": q(grp("hh_harmless"), "pair_accuracy"),
+    }
+
+
+def label_row(cached: Cached, sets: Sets) -> dict[str, Any]:
+    """The labels themselves as scores (safe 1, unsafe 0; less severe wins): the best any direction can
+    do, and the length correlation that the pair mix alone produces."""
+
+    def labels(pairs: LabelledPairs) -> tuple[list[float], list[float]]:
+        f, s = [], []
+        for a, b, safer in zip(pairs.first_is_safe, pairs.second_is_safe, pairs.first_is_safer, strict=True):
+            tie = 0.0 if a != b or safer is None else 0.5
+            f.append(float(bool(a)) + tie * bool(safer))
+            s.append(float(bool(b)) + tie * (not safer))
+        return f, s
+
+    dev = cached.dev["last"]
+    return {
+        "recipe": "reference: the labels as scores",
+        "layer": "-",
+        **scores_row(*labels(sets.test), sets.test, cached.test["last"].length_diff),
+        **{
+            f"dev_{k}": v
+            for k, v in scores_row(*labels(sets.dev), sets.dev, dev.length_diff).items()
+            if k in DEV_COLUMNS
+        },
+        "options": "",
+    }
+
+
 def recipe_scores(
     cached: Cached, sets: Sets, recipe: Recipe, n_layers: int
 ) -> tuple[dict[str, Any], QualityReport]:
@@ -583,48 +687,27 @@ def recipe_scores(
     # Scores at the chosen layer(s): one layer, or the mean of standardised projections over several.
     p = recipe.pooling
     fit_all = torch.cat([cached.fit[n][p] for n in recipe.harmful + recipe.safe])
-    first = torch.zeros(len(sets.test), dtype=torch.float64)
-    second = torch.zeros(len(sets.test), dtype=torch.float64)
-    for k in layers:
-        u = unit(vectors[k].double())
-        scale = float((fit_all[:, k].double() @ u).std())
-        first += (states.first[k].double() @ u) / scale
-        second += (states.second[k].double() @ u) / scale
-    f, s = first.tolist(), second.tolist()
-    groups = sets.test.groups
-    main = [i for i, g in enumerate(groups) if g.split(":")[0] in ("advbench", "harmbench", "preferences")]
-    rvc = [
-        i for i, g in enumerate(groups) if g in ("advbench", "harmbench", "preferences:refusal_vs_compliance")
-    ]
-    unsafe_prompts = [i for i in main if not groups[i].endswith("benign")]
 
-    def q(rows: list[int], metric: str) -> float:
-        return pair_quality(f, s, sets.test, states.length_diff, rows=rows)[metric]
-
-    def grp(name: str) -> list[int]:
-        return [i for i, g in enumerate(groups) if g == name]
+    def projections(pair_states: PairStates) -> tuple[list[float], list[float]]:
+        n = len(pair_states.length_diff)
+        first = torch.zeros(n, dtype=torch.float64)
+        second = torch.zeros(n, dtype=torch.float64)
+        for k in layers:
+            u = unit(vectors[k].double())
+            scale = float((fit_all[:, k].double() @ u).std())
+            first += (pair_states.first[k].double() @ u) / scale
+            second += (pair_states.second[k].double() @ u) / scale
+        return first.tolist(), second.tolist()
 
     row = {
         "recipe": recipe.name,
         "layer": "+".join(map(str, sorted(layers))),
-        "rvc_accuracy": q(rvc, "pair_accuracy"),
-        "auc_harmful_prompts": q(unsafe_prompts, "auc"),
-        "length_spearman": q(main, "length_spearman"),
-        "length_spearman_rvc": q(rvc, "length_spearman"),
-        # Oriented so the safer response is first: does the safer side win by more when it is shorter?
-        "length_spearman_rvc_oriented": spearman(
-            [(f[i] - s[i]) * (1 if sets.test.first_is_safer[i] else -1) for i in rvc],
-            [states.length_diff[i] * (1 if sets.test.first_is_safer[i] else -1) for i in rvc],
-        ),
-        "severity_spearman": q(grp("preferences:unsafe_vs_unsafe"), "severity_spearman"),
-        "advbench": q(grp("advbench"), "pair_accuracy"),
-        "harmbench": q(grp("harmbench"), "pair_accuracy"),
-        "preferences_rvc": q(grp("preferences:refusal_vs_compliance"), "pair_accuracy"),
-        "preferences_auc": q([i for i, g in enumerate(groups) if g.startswith("preferences")], "auc"),
-        "unsafe_vs_unsafe": q(grp("preferences:unsafe_vs_unsafe"), "pair_accuracy"),
-        "style_swap": q(grp("style_swap"), "pair_accuracy"),
-        "xstest": q(grp("xstest"), "pair_accuracy"),
-        "hh_harmless": q(grp("hh_harmless"), "pair_accuracy"),
+        **scores_row(*projections(states), sets.test, states.length_diff),
+        **{
+            f"dev_{k}": v
+            for k, v in scores_row(*projections(cached.dev[p]), sets.dev, cached.dev[p].length_diff).items()
+            if k in DEV_COLUMNS
+        },
         "options": recipe.options,
     }
     return row, report
@@ -740,6 +823,38 @@ def recipes(model: str, template: str) -> list[Recipe]:
                 layer="separation",
             )
         )
+    # Other ways to take length out of the recommended rich recipe (logistic, layer auto).
+    for remove, prefit, what in (
+        (("length_groups",), False, "each fit group's length direction (4-dim subspace)"),
+        (("length_regression",), False, "each group's log-length regression slope (subspace)"),
+        (("length",), True, "length, projected out of the states before fitting"),
+    ):
+        out.append(
+            Recipe(
+                f"rich: logistic, {default_pooling}, layer auto, minus {what}",
+                *rich,
+                method="logistic",
+                pooling=default_pooling,
+                layer="auto",
+                remove=remove,
+                prefit=prefit,
+            )
+        )
+    # Balanced safe side: refusals and safe completions (legend_hf/data/safe_completions.json) alternate.
+    balanced = ("adv_target", "fh_harmful"), ("adv_balanced", "fh_balanced")
+    for method in ("mean_diff", "logistic"):
+        for remove in ((), ("length",)):
+            out.append(
+                Recipe(
+                    f"balanced: {method}, {default_pooling}, layer auto"
+                    + (", minus length" if remove else ""),
+                    *balanced,
+                    method=method,
+                    pooling=default_pooling,
+                    layer="auto",
+                    remove=remove,
+                )
+            )
     for pooling in ("last", "mean", "response"):
         for remove in (("length",), ("refusal_style",), ("length", "refusal_style")):
             out.append(
@@ -770,44 +885,96 @@ def rows_of(conversations: Sequence[Conversation]) -> list[dict[str, str]]:
     return [{"prompt": prompt[-1]["content"], "response": response} for prompt, response in conversations]
 
 
-def shipped(sets: Sets, model_path: str, key: str, out: Path, max_length: int) -> None:
-    """Fit the winning recipe exactly as a user would, then evaluate it on the held-out test pairs."""
-    from legend_hf.evaluation import evaluate_direction
+def package_recipe(model_path: str, max_length: int) -> Any:
+    """The recommended recipe fitted from package data only, as scripts/fit_default_direction.py does."""
+    from legend_hf.data_io import ADVBENCH_FIT, FIT_HARMFUL, REFUSALS, SAFE_COMPLETIONS
     from legend_hf.fitting import fit_direction
     from legend_hf.recipes import remove_length
 
-    groups = [rows_of(sets.fit[name]) for name in ("adv_target", "fh_harmful", "adv_varied", "fh_safe")]
-    start = time.perf_counter()
+    advbench = [json.loads(line) for line in ADVBENCH_FIT.open()]
+    fit_harmful = [json.loads(line) for line in FIT_HARMFUL.open()]
+    refusals, completions = json.loads(REFUSALS.read_text()), json.loads(SAFE_COMPLETIONS.read_text())
+    advbench_safe = balanced_harmless(advbench, refusals, completions)
+    fit_harmful_safe = balanced_harmless(fit_harmful, refusals, completions)
     direction = fit_direction(
         model_path,
-        groups[0] + groups[1],
-        harmless=groups[2] + groups[3],
+        advbench + fit_harmful,
+        harmless=advbench_safe + fit_harmful_safe,
         method="logistic",
         layer="auto",
         max_length=max_length,
         device="cpu",
-        description="bench/quality.py rich fit set: AdvBench fit split + fit_harmful.jsonl "
-        "vs refusals.json + safe completions",
     )
-    direction = remove_length(direction, groups, model=model_path, device="cpu")
+    return remove_length(
+        direction, [advbench, fit_harmful, advbench_safe, fit_harmful_safe], model=model_path, device="cpu"
+    )
+
+
+def shipped(sets: Sets, model_path: str, key: str, out: Path, max_length: int, path: Path | None) -> None:
+    """Fit the recommended recipe from package data as a user would (or load ``path``), then score it on
+    the held-out test pairs with legend_hf.evaluation (one read of the texts, as evaluate_direction does):
+    the per-layer report and the grid's row for the direction's layer."""
+    from legend_hf.direction import SafetyDirection
+    from legend_hf.evaluation import read_pair_states
+    from legend_hf.hidden_states import TextReader
+
+    advbench = [json.loads(line) for line in (PACKAGE_DATA / "advbench_fit.jsonl").open()]
+    if advbench != rows_of(sets.fit["adv_target"]):
+        raise AssertionError("legend_hf/data/advbench_fit.jsonl is not this run's AdvBench fit split")
+    start = time.perf_counter()
+    if path is None:
+        direction = package_recipe(model_path, max_length)
+        direction.save_pretrained(out / "direction")
+    else:
+        direction = SafetyDirection.from_pretrained(path)
     fitted = time.perf_counter() - start
-    direction.save_pretrained(out / "direction")
-    report = evaluate_direction(direction, sets.test, model=model_path, device="cpu")
+    model, tokenizer = load_model(model_path, device="cpu")
+    direction.check_model(model)
+    reader = TextReader(
+        model,
+        tokenizer,
+        layers=sorted(direction.vectors),
+        pooling=direction.pooling,
+        template=TextTemplate.resolve(direction.template, tokenizer),
+        max_length=max_length,  # the grid's truncation (it matters for HH-RLHF dialogues only)
+    )
+    states = read_pair_states(reader, sets.test)
+    report = QualityReport(
+        scores=score_layers(direction.vectors, states, sets.test),
+        layer=direction.layer,
+        direction={
+            "recipe": direction.fit_data.get("description", ""),
+            "fingerprint": direction.fingerprint(),
+        },
+    )
+    u = direction.unit.double()
+    k = direction.layer
+    row = scores_row(
+        (states.first[k].double() @ u).tolist(),
+        (states.second[k].double() @ u).tolist(),
+        sets.test,
+        states.length_diff,
+    )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "shipped.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    (out / "shipped.md").write_text(report.to_markdown() + "\n")
+    (out / "shipped.json").write_text(json.dumps({"row": row, "report": report.to_dict()}, indent=1) + "\n")
+    (out / "shipped.md").write_text(
+        markdown_table([{"recipe": "packaged", "layer": str(k), **row}])
+        + "\n\n"
+        + report.to_markdown()
+        + "\n"
+    )
     plot_layer_scores(
         report, out / "layers-shipped.png", title=f"{key}: recommended recipe (held-out test pairs)"
     )
     print(
-        f"fitted in {fitted:.0f} s, evaluated in {time.perf_counter() - start - fitted:.0f} s; layer "
-        f"{direction.layer}\n{report.to_markdown()}"
+        f"fitted/loaded in {fitted:.0f} s, evaluated in {time.perf_counter() - start - fitted:.0f} s; layer "
+        f"{k}\n{markdown_table([{'recipe': 'packaged', 'layer': str(k), **row}])}\n{report.to_markdown()}"
     )
 
 
 # The recipe bench/README.md recommends, per model (its per-layer plot is saved).
 RECOMMENDED = {
-    "smollm2": "rich: logistic, last, layer auto, minus length",
+    "smollm2": "balanced: logistic, last, layer auto, minus length",
     "minilm": "rich: logistic, mean, layer auto, minus length",
 }
 
@@ -828,6 +995,10 @@ COLUMNS = [
     ("style_swap", "style swap"),
     ("xstest", "XSTest contrast"),
     ("hh_harmless", "HH harmless"),
+    ("dev_rvc_accuracy", "dev acc"),
+    ("dev_auc_harmful_prompts", "dev AUC"),
+    ("dev_length_spearman", "dev ρ len"),
+    ("dev_length_spearman_rvc", "dev ρ len, rvc"),
 ]
 
 
@@ -835,7 +1006,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         cells = [
-            row[k] if isinstance(row[k], str) else ("-" if row[k] != row[k] else f"{row[k]:.3f}")
+            row.get(k, "-")
+            if isinstance(row.get(k, "-"), str)
+            else ("-" if row[k] != row[k] else f"{row[k]:.3f}")
             for k, _ in COLUMNS
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -875,8 +1048,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--shipped",
         action="store_true",
-        help="instead of the grid: fit the recommended recipe with the public API (fit_direction, "
-        "remove_length), save it and score it with evaluate_direction",
+        help="instead of the grid: fit the recommended recipe from package data with the public API "
+        "(balanced_harmless, fit_direction, remove_length), save it and score it on the test pairs",
+    )
+    parser.add_argument(
+        "--direction",
+        type=Path,
+        default=None,
+        help="with --shipped: score this saved direction folder instead of fitting one",
     )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -903,7 +1082,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         path = key = args.model
     if args.shipped:
-        shipped(sets, path, key, args.out, args.max_length)
+        shipped(sets, path, key, args.out, args.max_length, args.direction)
         return
     model, tokenizer = load_model(path, device="cpu")
     n_layers = num_layers(model)
@@ -956,6 +1135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     title=f"{key} / {template_kind}: {recipe.name}",
                 )
                 (args.out / f"layers-{template_kind}-{slug}.md").write_text(report.to_markdown() + "\n")
+        rows.append(label_row(cached, template_sets))
         results["tables"][template_kind] = rows
         markdown += [f"### {key}, template {template_kind}", "", markdown_table(rows), ""]
         print(markdown_table(rows), flush=True)

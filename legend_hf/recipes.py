@@ -1,4 +1,4 @@
-"""Post-fit recipes that `fit_direction` does not do itself: projecting nuisance directions out.
+"""Recipes around `fit_direction`: a length-balanced safe side, and projecting nuisance directions out.
 
 A probe fitted on harmful answers against refusals also learns what merely co-varies with the label,
 above all response length (refusals are short). `length_direction` estimates, at each layer, how hidden
@@ -7,6 +7,11 @@ and `project_out` removes such directions from every vector of a `SafetyDirectio
 does both from fit data, reading it in one forward pass. In bench/quality.py this kept held-out accuracy
 and AUC and brought the correlation of margins with length difference on refusal-vs-compliance pairs
 from -0.3 to 0.0 with SmolLM2 (see bench/README.md, "Quality").
+
+Refusals are short, so a safe side made of refusals alone teaches "short and refusing" rather than "safe".
+`balanced_harmless` answers the harmful prompts with refusals and longer safe completions in turn (the
+shipped ``refusals.json`` and ``safe_completions.json``), which with `remove_length` is the default recipe
+of ``scripts/fit_default_direction.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,41 @@ from .direction import SafetyDirection
 from .fitting import read_rows
 from .formatting import TextTemplate
 from .hidden_states import TextReader, load_model
+
+
+def balanced_harmless(
+    harmful: Any,
+    refusals: Sequence[str],
+    completions: Sequence[str],
+    *,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+) -> list[dict[str, Any]]:
+    """The prompts of ``harmful`` answered safely: refusals (even rows) and safe completions (odd rows) take
+    turns, each list cycled, so the safe side is not systematically shorter than the harmful one.
+
+    ``harmful`` is a ``datasets.Dataset`` or list of dicts; the rows keep ``prompt_column`` and get the safe
+    answer in ``response_column``.
+    """
+    if not refusals or not completions:
+        raise ValueError(
+            f"balanced_harmless needs refusals and completions, got {len(refusals)} and {len(completions)}"
+        )
+    read_rows(harmful, prompt_column=prompt_column, response_column=response_column, name="harmful")  # checks
+    prompts = (
+        list(harmful[prompt_column])
+        if hasattr(harmful, "column_names")
+        else [r[prompt_column] for r in harmful]
+    )
+    return [
+        {
+            prompt_column: prompt,
+            response_column: refusals[i // 2 % len(refusals)]
+            if i % 2 == 0
+            else completions[i // 2 % len(completions)],
+        }
+        for i, prompt in enumerate(prompts)
+    ]
 
 
 def length_direction(states: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:

