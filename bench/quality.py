@@ -887,27 +887,11 @@ def rows_of(conversations: Sequence[Conversation]) -> list[dict[str, str]]:
 
 def package_recipe(model_path: str, max_length: int) -> Any:
     """The recommended recipe fitted from package data only, as scripts/fit_default_direction.py does."""
-    from legend_hf.data_io import ADVBENCH_FIT, FIT_HARMFUL, REFUSALS, SAFE_COMPLETIONS
-    from legend_hf.fitting import fit_direction
-    from legend_hf.recipes import remove_length
+    from legend_hf.data_io import default_fit_data
+    from legend_hf.recipes import fit_balanced
 
-    advbench = [json.loads(line) for line in ADVBENCH_FIT.open()]
-    fit_harmful = [json.loads(line) for line in FIT_HARMFUL.open()]
-    refusals, completions = json.loads(REFUSALS.read_text()), json.loads(SAFE_COMPLETIONS.read_text())
-    advbench_safe = balanced_harmless(advbench, refusals, completions)
-    fit_harmful_safe = balanced_harmless(fit_harmful, refusals, completions)
-    direction = fit_direction(
-        model_path,
-        advbench + fit_harmful,
-        harmless=advbench_safe + fit_harmful_safe,
-        method="logistic",
-        layer="auto",
-        max_length=max_length,
-        device="cpu",
-    )
-    return remove_length(
-        direction, [advbench, fit_harmful, advbench_safe, fit_harmful_safe], model=model_path, device="cpu"
-    )
+    groups, refusals, completions = default_fit_data()
+    return fit_balanced(model_path, groups, refusals, completions, max_length=max_length, device="cpu")
 
 
 def shipped(sets: Sets, model_path: str, key: str, out: Path, max_length: int, path: Path | None) -> None:

@@ -25,6 +25,15 @@ OUTPUT_FORMATS = ("parquet", "jsonl")
 PKU_COLUMNS = ("response_0", "response_1")
 
 
+def default_fit_data() -> tuple[list[list[dict[str, Any]]], list[str], list[str]]:
+    """The shipped direction's fit data: harmful groups (100 AdvBench rows, the 160 written harmful answers),
+    refusals and safe completions, as ``legend_hf.recipes.fit_balanced`` takes them."""
+    import json
+
+    groups = [[json.loads(line) for line in path.open()] for path in (ADVBENCH_FIT, FIT_HARMFUL)]
+    return groups, json.loads(REFUSALS.read_text()), json.loads(SAFE_COMPLETIONS.read_text())
+
+
 def load_data(
     source: str | os.PathLike[str],
     *,

@@ -10,8 +10,9 @@ from -0.3 to 0.0 with SmolLM2 (see bench/README.md, "Quality").
 
 Refusals are short, so a safe side made of refusals alone teaches "short and refusing" rather than "safe".
 `balanced_harmless` answers the harmful prompts with refusals and longer safe completions in turn (the
-shipped ``refusals.json`` and ``safe_completions.json``), which with `remove_length` is the default recipe
-of ``scripts/fit_default_direction.py``.
+shipped ``refusals.json`` and ``safe_completions.json``). `fit_balanced` is the recommended recipe in one
+call (balanced safe side, logistic probe, ``layer="auto"``, `remove_length`): the shipped SmolLM2
+direction (``scripts/fit_default_direction.py``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,55 @@ def balanced_harmless(
         }
         for i, prompt in enumerate(prompts)
     ]
+
+
+def fit_balanced(
+    model: str | os.PathLike[str] | nn.Module,
+    harmful_groups: Sequence[Any],
+    refusals: Sequence[str],
+    completions: Sequence[str],
+    *,
+    tokenizer: Any = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    max_tokens_per_batch: int = 8192,
+    **fit_options: Any,
+) -> SafetyDirection:
+    """The recommended recipe (bench/README.md, "Quality"): each group of harmful rows against its prompts
+    answered by refusals and safe completions in turn (:func:`balanced_harmless`), a logistic probe with
+    ``layer="auto"``, then the mean length direction of every group, harmful and safe, projected out
+    (:func:`remove_length`). ``fit_options`` go to ``fit_direction`` (``max_length``, ``description``...).
+
+    The shipped SmolLM2 direction is ``fit_balanced(model, [advbench_fit, fit_harmful], refusals,
+    safe_completions)`` on the package data (``scripts/fit_default_direction.py``).
+    """
+    from .fitting import fit_direction
+
+    safe_groups = [balanced_harmless(group, refusals, completions) for group in harmful_groups]
+    if not isinstance(model, nn.Module):  # load once for both passes
+        revision = fit_options.pop("revision", None)
+        model, tokenizer = load_model(model, tokenizer, revision=revision, dtype=dtype, device=device)
+    direction = fit_direction(
+        model,
+        [row for group in harmful_groups for row in group],
+        harmless=[row for group in safe_groups for row in group],
+        tokenizer=tokenizer,
+        method="logistic",
+        layer="auto",
+        device=device,
+        dtype=dtype,
+        max_tokens_per_batch=max_tokens_per_batch,
+        **fit_options,
+    )
+    return remove_length(
+        direction,
+        [*harmful_groups, *safe_groups],
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        max_tokens_per_batch=max_tokens_per_batch,
+    )
 
 
 def length_direction(states: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:

@@ -26,7 +26,6 @@ The artifact records ``HuggingFaceTB/SmolLM2-135M-Instruct`` as its model id, no
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -41,7 +40,7 @@ from legend_hf.cli import (
     resolve_model,
     run_fit,
 )
-from legend_hf.data_io import ADVBENCH_FIT, DEFAULT_DIRECTION, FIT_HARMFUL, REFUSALS, SAFE_COMPLETIONS
+from legend_hf.data_io import DEFAULT_DIRECTION, FIT_HARMFUL, REFUSALS
 from legend_hf.models import DEFAULT_MODEL_ID
 
 WEIGHTS = (
@@ -77,35 +76,26 @@ class DefaultFitArguments(FitArguments):
     output_dir: str = field(default=str(DEFAULT_DIRECTION), metadata={"help": "artifact folder to write"})
 
 
-def fit_balanced(args: DefaultFitArguments, runtime: RuntimeArguments) -> int:
+def run_balanced(args: DefaultFitArguments, runtime: RuntimeArguments) -> int:
     """The recommended recipe from package data (bench/quality.py ``package_recipe`` is the same)."""
     from legend_hf.cards import write_direction_card
-    from legend_hf.fitting import fit_direction
-    from legend_hf.recipes import balanced_harmless, remove_length
+    from legend_hf.data_io import default_fit_data
+    from legend_hf.recipes import fit_balanced
 
-    advbench = [json.loads(line) for line in ADVBENCH_FIT.open()]
-    fit_harmful = [json.loads(line) for line in FIT_HARMFUL.open()]
-    refusals, completions = json.loads(REFUSALS.read_text()), json.loads(SAFE_COMPLETIONS.read_text())
-    advbench_safe = balanced_harmless(advbench, refusals, completions)
-    fit_harmful_safe = balanced_harmless(fit_harmful, refusals, completions)
+    groups, refusals, completions = default_fit_data()
     model, model_id = resolve_model(args.model)
-    options: dict[str, Any] = {
-        "device": runtime.device,
-        "dtype": runtime.dtype,
-        "max_tokens_per_batch": runtime.max_tokens_per_batch,
-    }
-    direction = fit_direction(
+    direction = fit_balanced(
         model,
-        advbench + fit_harmful,
-        harmless=advbench_safe + fit_harmful_safe,
-        method="logistic",
-        layer="auto",
+        groups,
+        refusals,
+        completions,
+        device=runtime.device,
+        dtype=runtime.dtype,
+        max_tokens_per_batch=runtime.max_tokens_per_batch,
         max_length=runtime.max_length,
         description=args.description or BALANCED_DESCRIPTION,
         revision=runtime.model_revision,
-        **options,
     )
-    direction = remove_length(direction, [advbench, fit_harmful, advbench_safe, fit_harmful_safe], **options)
     model_id = args.model_id or model_id
     if model_id:  # a local copy's path must not leak into a shareable artifact
         revision = None if model_id != direction.model_id else direction.model_revision
@@ -123,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args, data, runtime, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     if args.recipe == "balanced":
-        return fit_balanced(args, runtime)
+        return run_balanced(args, runtime)
     if args.refusals and args.refusals_file == str(REFUSALS):
         args.refusals_file = None  # explicit --refusals replace the shipped file
     args.description = args.description or DESCRIPTION

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from legend_hf.direction import SafetyDirection
+from legend_hf.fitting import fit_direction
 from legend_hf.formatting import TextTemplate
 from legend_hf.hidden_states import TextReader
-from legend_hf.recipes import balanced_harmless, length_direction, project_out, remove_length
+from legend_hf.recipes import balanced_harmless, fit_balanced, length_direction, project_out, remove_length
 
 
 def direction(hidden: int = 8, layers: tuple[int, ...] = (1, 2), num_layers: int = 2) -> SafetyDirection:
@@ -134,18 +135,45 @@ def test_remove_length_with_a_tiny_model():
         remove_length(direction(), [[{"prompt": "p"}]], model=model, tokenizer=tokenizer)
 
 
+def test_fit_balanced_is_a_balanced_fit_then_length_removal(tiny_llama_path):
+    """The recommended recipe in one call equals its steps done by hand (one model load instead of two)."""
+    harmful_groups = [
+        [{"prompt": f"Do bad thing {i}", "response": "Sure, " + "step " * (i % 5 + 1)} for i in range(12)],
+        [{"prompt": f"Hurt someone {i}", "response": "Okay: " + "do it " * (i % 3 + 1)} for i in range(10)],
+    ]
+    refusals = ["No.", "I can't help with that."]
+    completions = [
+        "Please talk to someone you trust about this.",
+        "Here is a safe, legal alternative instead.",
+    ]
+    got = fit_balanced(
+        str(tiny_llama_path), harmful_groups, refusals, completions, max_length=64, device="cpu"
+    )
+    safe = [balanced_harmless(group, refusals, completions) for group in harmful_groups]
+    fitted = fit_direction(
+        str(tiny_llama_path),
+        harmful_groups[0] + harmful_groups[1],
+        harmless=safe[0] + safe[1],
+        method="logistic",
+        layer="auto",
+        max_length=64,
+        device="cpu",
+    )
+    want = remove_length(fitted, [*harmful_groups, *safe], model=str(tiny_llama_path), device="cpu")
+    assert (got.method, got.layer, got.fit_data["projected_out"]) == ("logistic", want.layer, ["length"])
+    assert got.fit_data["n_harmful"] == got.fit_data["n_harmless"] == 22
+    for k, vector in want.vectors.items():
+        torch.testing.assert_close(got.vectors[k], vector)
+
+
 def test_shipped_fit_data_of_the_balanced_recipe():
-    import json
+    from legend_hf.data_io import default_fit_data
 
-    from legend_hf.data_io import ADVBENCH_FIT, FIT_HARMFUL, REFUSALS, SAFE_COMPLETIONS
-
-    advbench = [json.loads(line) for line in ADVBENCH_FIT.open()]
+    (advbench, fit_harmful), refusals, completions = default_fit_data()
     assert len(advbench) == 100 and all(set(r) == {"prompt", "response"} for r in advbench)
     assert all(r["response"].startswith("Sure, here") for r in advbench)
-    completions = json.loads(SAFE_COMPLETIONS.read_text())
     assert len(completions) == 16 and all(isinstance(c, str) and c for c in completions)
-    refusals = json.loads(REFUSALS.read_text())
-    fit_harmful = [json.loads(line) for line in FIT_HARMFUL.open()]
+    assert len(fit_harmful) == 160 and len(refusals) == 12
     assert not {r["prompt"] for r in advbench} & {r["prompt"] for r in fit_harmful}
     safe = balanced_harmless(advbench + fit_harmful, refusals, completions)
     assert sum(r["response"] in completions for r in safe) == len(safe) // 2
