@@ -73,10 +73,8 @@ def load_model(
             kwargs["gguf_file"] = gguf_file
         path = resolve_model(model, revision) if not gguf_file else str(model)
         loaded = AutoModel.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
-        if path != str(model) and str(model) == DEFAULT_MODEL_ID:
-            loaded.config._name_or_path = (
-                DEFAULT_MODEL_ID  # the offline copy: record the id, not the cache path
-            )
+        if path != str(model) and str(model) == DEFAULT_MODEL_ID:  # the offline copy: record the id
+            loaded.config._name_or_path = DEFAULT_MODEL_ID
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if isinstance(tokenizer, (str, os.PathLike)):
