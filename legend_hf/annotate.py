@@ -44,11 +44,12 @@ class MarginAnnotator:
 
     ``scale`` multiplies margins (``margin_raw`` keeps the projection difference); ``bin_edges`` maps
     the scaled margin to a level (``margin_level``; ``margin`` becomes ``levels[level]``).
-    Speed: the forward pass stops at the direction's layer; decoders run the prompt shared by chosen and
-    rejected once and continue both from its KV cache (``share_prompt``); texts are batched in length
-    order by ``max_tokens_per_batch`` padded tokens (``batch_size`` caps rows; default 1 on a CPU, where
-    padded batches measured ~2x slower); ``dtype="bfloat16"``
-    runs the model in bf16 (pooling and projection stay fp32/fp64).
+    Speed: the forward pass stops at the direction's layer; decoders can run the prompt shared by chosen
+    and rejected once and continue both from its KV cache (``share_prompt``; default on a CPU only: it
+    measured slower on a GPU); texts are batched in length order by ``max_tokens_per_batch`` padded
+    tokens, halved on out-of-memory (``batch_size`` caps rows; default 1 on a CPU, where padded batches
+    measured ~2x slower); ``dtype="bfloat16"`` runs the model in bf16 (pooling and projection stay
+    fp32/fp64). On a GPU give ``Dataset.map`` large batches (its default 1000): batching is per call.
     Empty responses are valid: the text is then prompt plus template, never NaN. The model loads at
     construction (so a mismatched direction fails before any compute) unless ``lazy=True``.
     """
@@ -72,7 +73,7 @@ class MarginAnnotator:
         revision: str | None = None,
         check_model_id: bool = True,
         trust_remote_code: bool = False,
-        share_prompt: bool = True,
+        share_prompt: bool | None = None,
         batch_size: int | None = None,
         lazy: bool = False,
     ) -> None:

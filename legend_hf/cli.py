@@ -269,7 +269,13 @@ class AnnotateArguments:
         default=None, metadata=_help("equal-frequency bins; margin becomes the bin's level (the paper bins)")
     )
     levels: list[float] | None = field(default=None, metadata=_help("level of each bin (default 0..bins-1)"))
-    batch_size: int = field(default=32, metadata=_help("rows per map batch"))
+    batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "rows per map batch; default 32 on a CPU (one pair per forward there), 1000 on a GPU, where "
+            "the annotator batches by token budget within each map batch (64 measured 0.78x of 1000)"
+        ),
+    )
     num_proc: int | None = field(
         default=None, metadata=_help("map worker processes, one model each (--engine local)")
     )
@@ -723,6 +729,14 @@ def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: Runtime
             "(set --chosen_column/--rejected_column, or --pku_saferlhf for PKU-SafeRLHF data)"
         )
     model, _ = resolve_model(args.model or direction.model_id)
+    batch_size = args.batch_size
+    if batch_size is None:
+        from .hidden_states import resolve_device
+
+        on_gpu = resolve_device(runtime.device).type == "cuda" or (
+            args.engine == "ray" and bool(args.num_gpus_per_actor)
+        )
+        batch_size = 1000 if on_gpu else 32
     options: dict[str, Any] = dict(
         model=model,
         prompt_column=args.prompt_column,
@@ -741,12 +755,12 @@ def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: Runtime
             scale=scale,
             bins=args.bins,
             levels=args.levels,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             num_proc=args.num_proc,
             **options,
         )
     else:
-        annotated = _annotate_with_engine(args, dataset, direction, options)
+        annotated = _annotate_with_engine(args, dataset, direction, options, batch_size)
         if annotated is None:  # a torchrun rank other than 0: its shards are written, rank 0 merges
             return EXIT_OK
         annotated = scale_margins(annotated, direction, scale=scale, bins=args.bins, levels=args.levels)
@@ -799,7 +813,7 @@ def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: Runtime
 
 
 def _annotate_with_engine(
-    args: AnnotateArguments, dataset: Any, direction: Any, options: dict[str, Any]
+    args: AnnotateArguments, dataset: Any, direction: Any, options: dict[str, Any], batch_size: int
 ) -> Any:
     """Raw margins from the torchrun or Ray engine, merged in input order (``None`` on torchrun ranks > 0)."""
     from .distributed import annotate_distributed, load_annotated
@@ -807,7 +821,7 @@ def _annotate_with_engine(
     work_dir = Path(args.work_dir or Path(args.output_dir) / f"parts-{args.engine}")
     if args.engine == "torchrun":
         return annotate_distributed(
-            dataset, direction, work_dir, shard_size=args.shard_size, batch_size=args.batch_size, **options
+            dataset, direction, work_dir, shard_size=args.shard_size, batch_size=batch_size, **options
         )
     from .ray_engine import annotate_with_ray
 
@@ -822,7 +836,7 @@ def _annotate_with_engine(
         num_actors=args.num_actors,
         num_gpus_per_actor=args.num_gpus_per_actor,
         num_cpus_per_actor=args.num_cpus_per_actor,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         **options,
     )
     return load_annotated(work_dir)

@@ -234,9 +234,11 @@ class LayerReader:
         self.layers = sorted({normalize_layer(x, self.n_layers) for x in layers})
         self.pooling = pooling
         params = inspect.signature(model.forward).parameters
-        self._extra_inputs = {"position_ids", "use_cache", "past_key_values"} & set(params)
+        self._extra_inputs = {"position_ids", "use_cache"} & set(params)
+        # transformers renamed the KV-cache argument from ``past_key_values`` to ``cache`` (5.2x).
+        self._cache_input = next((k for k in ("cache", "past_key_values") if k in params), None)
         self.can_share_prefix = (
-            is_decoder(model) and {"position_ids", "past_key_values"} <= self._extra_inputs
+            is_decoder(model) and "position_ids" in self._extra_inputs and self._cache_input is not None
         )
 
     @property
@@ -286,7 +288,7 @@ class LayerReader:
                 position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             kwargs["position_ids"] = position_ids.to(device)
         if cache is not None:
-            kwargs.update(past_key_values=cache, use_cache=True)
+            kwargs.update({self._cache_input or "past_key_values": cache, "use_cache": True})
         elif "use_cache" in self._extra_inputs:
             kwargs["use_cache"] = False
         try:
@@ -326,14 +328,16 @@ class LayerReader:
         for i, row in enumerate(input_ids):
             if not row:
                 raise ValueError(f"text {i} has no tokens: give it a template or a non-empty prompt/response")
-        lengths = [len(x) for x in input_ids]
-        for batch in length_batches(lengths, max_tokens=max_tokens, max_batch_size=max_batch_size):
+
+        def run(batch: list[int]) -> None:
             ids, mask = pad([input_ids[i] for i in batch], pad_id, padding_side)
             states = self(ids, mask)
             for k in self.layers:
                 out[k][batch] = states[k]
             if on_batch is not None:
                 on_batch(len(batch))
+
+        self._run_batches([len(x) for x in input_ids], run, max_tokens, max_batch_size)
         return out
 
     def read_pairs(
@@ -374,7 +378,8 @@ class LayerReader:
         sharing = [i for i, n in enumerate(shared) if n > 0]
         # The continuation pass holds 2 rows of (prefix + suffix) per pair: budget on that.
         cost = [2 * max(len(first[i]), len(second[i])) for i in sharing]
-        for group in length_batches(cost, max_tokens=max_tokens, max_batch_size=max_batch_size):
+
+        def run(group: list[int]) -> None:
             batch = [sharing[j] for j in group]
             prefixes = [list(first[i][: shared[i]]) for i in batch]
             suffixes = [list(first[i][shared[i] :]) for i in batch] + [
@@ -386,7 +391,50 @@ class LayerReader:
                 out_second[k][batch] = states[k][len(batch) :]
             if on_batch is not None:
                 on_batch(2 * len(batch))
+
+        self._run_batches(cost, run, max_tokens, max_batch_size)
         return out_first, out_second
+
+    def _run_batches(
+        self,
+        costs: Sequence[int],
+        run: Callable[[list[int]], None],
+        max_tokens: int,
+        max_batch_size: int | None,
+    ) -> None:
+        """``run`` each length-sorted batch of item indices; on out-of-memory, halve the budget and go on.
+
+        A batch that fails writes nothing, so its items are simply batched again under the smaller
+        budget (with a warning naming the budget to pass next time). One item alone that does not fit
+        re-raises, naming its size.
+        """
+        pending = length_batches(costs, max_tokens=max_tokens, max_batch_size=max_batch_size)
+        while pending:
+            batch = pending.pop(0)
+            try:
+                run(batch)
+            except torch.OutOfMemoryError as error:
+                padded = len(batch) * max(costs[i] for i in batch)
+                if len(batch) == 1:
+                    raise torch.OutOfMemoryError(
+                        f"out of memory on one text of {costs[batch[0]]} tokens: lower max_length, "
+                        f"use a smaller dtype or a device with more memory ({error})"
+                    ) from error
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                max_tokens = max(1, padded // 2)
+                logger.warning(
+                    "out of memory on a batch of %d texts (%d padded tokens): retrying with "
+                    "max_tokens_per_batch=%d (pass that to avoid the retries)",
+                    len(batch),
+                    padded,
+                    max_tokens,
+                )
+                left = batch + [i for b in pending for i in b]
+                regrouped = length_batches(
+                    [costs[i] for i in left], max_tokens=max_tokens, max_batch_size=max_batch_size
+                )
+                pending = [[left[j] for j in b] for b in regrouped]
 
     def _read_continuations(
         self, prefixes: list[list[int]], suffixes: list[list[int]], pad_id: int
@@ -445,7 +493,7 @@ class TextReader:
         max_length: int | None = None,
         max_tokens_per_batch: int = 8192,
         batch_size: int | None = None,
-        share_prompt: bool = True,
+        share_prompt: bool | None = None,
         progress: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
@@ -458,6 +506,10 @@ class TextReader:
         self.batch_size = (
             batch_size if batch_size is not None else (1 if self.layer_reader.device.type == "cpu" else None)
         )
+        # Prompt sharing pays on a CPU (1.26x) but cost 26% on an H200, where the prefix and continuation
+        # passes pad more than one full pass (bench/README.md): default on for CPUs only.
+        if share_prompt is None:
+            share_prompt = self.layer_reader.device.type == "cpu"
         self.share_prompt = share_prompt and self.layer_reader.can_share_prefix
         pad_id = tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)

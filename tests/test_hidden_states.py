@@ -119,3 +119,43 @@ def test_progress_counts_every_text_once(tiny_llama_path):
         done.clear()
         reader.read(first + second, pad_id=0, max_tokens=max_tokens, on_batch=done.append)
         assert sum(done) == 6 and len(done) == (6 if max_tokens == 1 else 1)
+
+
+def test_out_of_memory_halves_the_budget_and_loses_nothing(tiny_llama_path, monkeypatch, caplog):
+    """A batch over a (simulated) memory limit is retried in smaller batches; results are unchanged."""
+    model = AutoModel.from_pretrained(tiny_llama_path).eval()
+    reader = LayerReader(model, [2], "last")
+    first = [[101] + list(range(1000, 1000 + n)) + [7, 102] for n in (3, 40, 7, 19, 1, 33)]
+    second = [[101] + list(range(1000, 1000 + n)) + [8, 9, 102] for n in (3, 40, 7, 19, 1, 33)]
+    expected_single = reader.read(first, pad_id=0, max_batch_size=1)
+    expected_pairs = reader.read_pairs(first, second, pad_id=0, max_batch_size=1)
+    limit = 60  # padded tokens a forward may hold
+    forward, continuations = LayerReader.__call__, LayerReader._read_continuations
+    sizes: list[int] = []
+
+    def guarded_call(self, ids, mask):
+        sizes.append(ids.numel())
+        if ids.numel() > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, ids, mask)
+
+    def guarded_continuations(self, prefixes, suffixes, pad_id):
+        padded = len(suffixes) * (max(map(len, prefixes)) + max(map(len, suffixes)))
+        sizes.append(padded)
+        if padded > 2 * limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return continuations(self, prefixes, suffixes, pad_id)
+
+    monkeypatch.setattr(LayerReader, "__call__", guarded_call)
+    monkeypatch.setattr(LayerReader, "_read_continuations", guarded_continuations)
+    with caplog.at_level("WARNING", logger="legend_hf.hidden_states"):
+        done: list[int] = []
+        got = reader.read(first, pad_id=0, max_tokens=10_000, on_batch=done.append)
+        assert sum(done) == len(first)  # progress counts each text once, failed tries never
+        pairs = reader.read_pairs(first, second, pad_id=0, max_tokens=10_000)
+    assert "max_tokens_per_batch=" in caplog.text and max(sizes) > limit
+    torch.testing.assert_close(got[2], expected_single[2], atol=1e-5, rtol=0)
+    for got_side, expected_side in zip(pairs, expected_pairs, strict=True):
+        torch.testing.assert_close(got_side[2], expected_side[2], atol=1e-5, rtol=0)
+    with pytest.raises(torch.OutOfMemoryError, match="one text of 200 tokens"):
+        reader.read([[101] * 200], pad_id=0)
