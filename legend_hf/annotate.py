@@ -303,7 +303,7 @@ def annotate_margins(
     scale: str | float | None = None,
     bins: int | None = None,
     levels: Sequence[float] | None = None,
-    batch_size: int = 64,
+    batch_size: int = 1000,
     num_proc: int | None = None,
     load_from_cache_file: bool | None = None,
     **options: Any,
@@ -312,6 +312,8 @@ def annotate_margins(
 
     Args:
         scale, bins, levels: dataset-wide post-processing, see :func:`scale_margins`.
+        batch_size: rows per ``map`` call (``datasets``' default); the annotator sorts and batches within
+            each call, so small values cost speed on a GPU.
         num_proc: worker processes (``with_rank``: one model each, on ``cuda:{rank % n_gpus}`` with GPUs).
         options: passed to :class:`MarginAnnotator` (column names, ``max_length``, ``device``, ``dtype``...).
     """

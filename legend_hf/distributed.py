@@ -163,7 +163,7 @@ def annotate_shards(
     output_dir: str | os.PathLike[str],
     *,
     shard_size: int = 10_000,
-    batch_size: int = 64,
+    batch_size: int = 1000,
     rank: int | None = None,
     world_size: int | None = None,
     **annotator_options: Any,
@@ -273,7 +273,7 @@ def annotate_distributed(
     output_dir: str | os.PathLike[str],
     *,
     shard_size: int = 10_000,
-    batch_size: int = 64,
+    batch_size: int = 1000,
     timeout: timedelta = timedelta(hours=24),
     **annotator_options: Any,
 ) -> Any:

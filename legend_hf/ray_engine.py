@@ -110,7 +110,7 @@ def annotate_with_ray(
     num_actors: int | None = None,
     num_gpus_per_actor: float | None = None,
     num_cpus_per_actor: float = 1,
-    batch_size: int = 64,
+    batch_size: int = 1000,
     **annotator_options: Any,
 ) -> Path:
     """Annotate ``source`` (a ``datasets.Dataset``, or Parquet files/folders, local or ``s3://``-style URIs)
