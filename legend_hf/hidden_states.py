@@ -413,28 +413,30 @@ class LayerReader:
             batch = pending.pop(0)
             try:
                 run(batch)
+                continue
             except torch.OutOfMemoryError as error:
-                padded = len(batch) * max(costs[i] for i in batch)
                 if len(batch) == 1:
                     raise torch.OutOfMemoryError(
-                        f"out of memory on one text of {costs[batch[0]]} tokens: lower max_length, "
-                        f"use a smaller dtype or a device with more memory ({error})"
+                        f"out of memory on a single text or pair ({costs[batch[0]]} padded tokens): lower "
+                        f"max_length, use a smaller dtype or a device with more memory ({error})"
                     ) from error
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                max_tokens = max(1, padded // 2)
-                logger.warning(
-                    "out of memory on a batch of %d texts (%d padded tokens): retrying with "
-                    "max_tokens_per_batch=%d (pass that to avoid the retries)",
-                    len(batch),
-                    padded,
-                    max_tokens,
-                )
-                left = batch + [i for b in pending for i in b]
-                regrouped = length_batches(
-                    [costs[i] for i in left], max_tokens=max_tokens, max_batch_size=max_batch_size
-                )
-                pending = [[left[j] for j in b] for b in regrouped]
+            # Outside the handler, whose traceback still holds the failed batch's tensors.
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            padded = len(batch) * max(costs[i] for i in batch)
+            max_tokens = max(1, padded // 2)
+            logger.warning(
+                "out of memory on a batch of %d (%d padded tokens): retrying with max_tokens_per_batch=%d "
+                "(pass that to avoid the retries)",
+                len(batch),
+                padded,
+                max_tokens,
+            )
+            left = batch + [i for b in pending for i in b]
+            regrouped = length_batches(
+                [costs[i] for i in left], max_tokens=max_tokens, max_batch_size=max_batch_size
+            )
+            pending = [[left[j] for j in b] for b in regrouped]
 
     def _read_continuations(
         self, prefixes: list[list[int]], suffixes: list[list[int]], pad_id: int

@@ -157,5 +157,5 @@ def test_out_of_memory_halves_the_budget_and_loses_nothing(tiny_llama_path, monk
     torch.testing.assert_close(got[2], expected_single[2], atol=1e-5, rtol=0)
     for got_side, expected_side in zip(pairs, expected_pairs, strict=True):
         torch.testing.assert_close(got_side[2], expected_side[2], atol=1e-5, rtol=0)
-    with pytest.raises(torch.OutOfMemoryError, match="one text of 200 tokens"):
+    with pytest.raises(torch.OutOfMemoryError, match=r"single text or pair \(200 padded tokens\)"):
         reader.read([[101] * 200], pad_id=0)
