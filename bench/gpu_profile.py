@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import RANDOM_CONFIGS, load_pairs, pair_texts, raw_batches  # noqa: E402
+from throughput import RANDOM_CONFIGS, best_of, load_pairs, pair_texts, raw_batches  # noqa: E402
 
 from legend_hf import MarginAnnotator, SafetyDirection  # noqa: E402
 from legend_hf.hidden_states import pad  # noqa: E402
@@ -28,20 +28,9 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # the CPU only to check this script
 
 
-def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def best(run, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeats):
-        sync()
-        began = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - began)
-    return min(times)
+def best(run: Callable[[], object], repeats: int) -> float:
+    """Wall seconds of the fastest run (the GPU synchronised around each)."""
+    return best_of(run, repeats, DEVICE)[0]
 
 
 def main() -> None:
@@ -104,8 +93,9 @@ def main() -> None:
     columns = list(rows[0])
     batch = {c: [r[c] for r in rows] for c in columns}
     annotators = {}
+    budgets = [int(x) for x in args.budgets.split(",")]
     for share in (True, False):
-        for budget in [int(x) for x in args.budgets.split(",")]:
+        for budget in budgets:
             annotator = MarginAnnotator(
                 direction,
                 model,
@@ -122,11 +112,12 @@ def main() -> None:
             annotators[(share, budget)] = annotator
     from torch.profiler import ProfilerActivity, profile
 
-    for key in [(True, 8192), (False, 8192)]:
+    for key in [(True, budgets[0]), (False, budgets[0])]:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
         with profile(activities=activities) as prof:
             annotators[key](batch)
-            sync()
+            if CUDA:
+                torch.cuda.synchronize()
         averages = prof.key_averages()
         lines += ["", f"profile share_prompt={key[0]} max_tokens_per_batch={key[1]}"]
         lines.append(averages.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))

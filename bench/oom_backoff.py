@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from legend_hf.hidden_states import LayerReader
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import RANDOM_CONFIGS  # noqa: E402
+
+from legend_hf.hidden_states import LayerReader  # noqa: E402
 
 
 def main() -> None:
@@ -33,15 +38,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=8192,
-        vocab_size=32000,
-        max_position_embeddings=8192,
-    )
+    config = LlamaConfig(**RANDOM_CONFIGS["llama-1b"])
     with torch.device("cuda"):
         model = LlamaModel(config).to(torch.bfloat16).eval()
     config.architectures = ["LlamaForCausalLM"]  # a decoder: prompts are shared through the KV cache
@@ -49,7 +46,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
 
     def ids(n: int) -> list[int]:
-        return torch.randint(5, 32000, (n,), generator=g).tolist()
+        return torch.randint(5, config.vocab_size, (n,), generator=g).tolist()
 
     first, second = [], []
     for _ in range(args.pairs):

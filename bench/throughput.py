@@ -451,8 +451,9 @@ def fidelity(margins: Sequence[float], reference: Sequence[float]) -> Row:
 def legend_variants(args: argparse.Namespace, num_layers: int, mid: int, decoder: bool) -> list[Row]:
     """(dtype, layer, options) of the legend-hf rows: each dtype at the last layer and at mid depth.
 
-    ``--ablate`` (decoders) adds last-layer rows without prompt sharing and, when ``--annotator-batch-size``
-    is set, with the annotator's default batching.
+    ``--max-tokens-per-batch`` with several values adds a last-layer row for each after the first.
+    ``--ablate`` (decoders) adds last-layer rows with ``share_prompt`` flipped from the device's default
+    and, when ``--annotator-batch-size`` is set, with the annotator's default batching.
     """
     base: Row = {}
     budgets = args.max_tokens_per_batch or []
