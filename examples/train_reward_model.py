@@ -119,15 +119,11 @@ def load_pairs(path: str) -> Any:
 
 def annotate(train: Any, args: ExperimentArguments) -> tuple[Any, dict[str, Any]]:
     """The training pairs with raw margins (cached by ``datasets`` across runs), and the direction used."""
-    from legend_hf import SafetyDirection, annotate_margins
-    from legend_hf.cli import resolve_model
-    from legend_hf.data_io import DEFAULT_DIRECTION
+    from legend_hf import DEFAULT_DIRECTION, RuntimeOptions, SafetyDirection, annotate_margins
 
     direction = SafetyDirection.from_pretrained(args.direction or str(DEFAULT_DIRECTION))
-    model, _ = resolve_model(args.annotator or direction.model_id)
-    annotated = annotate_margins(
-        train, direction, model=model, max_length=args.annotator_max_length, batch_size=64
-    )
+    runtime = RuntimeOptions(max_length=args.annotator_max_length)
+    annotated = annotate_margins(train, direction, model=args.annotator, runtime=runtime, batch_size=64)
     about = {
         "source": direction.source,
         "model_id": direction.model_id,
@@ -302,15 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     train_pairs = labelled(train)
     tokenized = Dataset.from_dict(
         {
-            "chosen_ids": encode(tokenizer, side_texts(train_pairs.first), args.max_length),
-            "rejected_ids": encode(tokenizer, side_texts(train_pairs.second), args.max_length),
+            "chosen_ids": encode(tokenizer, side_texts(train_pairs.chosen), args.max_length),
+            "rejected_ids": encode(tokenizer, side_texts(train_pairs.rejected), args.max_length),
         }
     )
     # Held-out accuracy: the safer side (by the data's labels; chosen for HH-RLHF) must get the higher reward.
     test_pairs = labelled(test)
-    ordered = [i for i, s in enumerate(test_pairs.first_is_safer) if s is not None]
-    safer = [test_pairs.first[i] if test_pairs.first_is_safer[i] else test_pairs.second[i] for i in ordered]
-    other = [test_pairs.second[i] if test_pairs.first_is_safer[i] else test_pairs.first[i] for i in ordered]
+    is_safer = test_pairs.labels.chosen_is_safer
+    ordered = [i for i, s in enumerate(is_safer) if s is not None]
+    safer = [test_pairs.chosen[i] if is_safer[i] else test_pairs.rejected[i] for i in ordered]
+    other = [test_pairs.rejected[i] if is_safer[i] else test_pairs.chosen[i] for i in ordered]
     test_ids = (
         encode(tokenizer, side_texts(safer), args.max_length),
         encode(tokenizer, side_texts(other), args.max_length),

@@ -1,6 +1,7 @@
 """legend-hf: safety margins for preference datasets by representation engineering (Legend, arXiv 2406.08124).
 
-Imports are lazy so ``import legend_hf`` stays light (torch and transformers load on first use).
+Everything the README's flows use is importable from here. Imports are lazy so ``import legend_hf`` stays
+light (torch and transformers load on first use).
 """
 
 from __future__ import annotations
@@ -8,32 +9,91 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
+    # the artifact and how to fit it
     "SafetyDirection": "direction",
     "DirectionModelWarning": "direction",
     "fit_direction": "fitting",
+    "fit_balanced": "recipes",
+    "remove_length": "recipes",
+    # scoring and annotating
+    "RuntimeOptions": "options",
+    "Scorer": "scoring",
+    "MarginScale": "provenance",
     "MarginAnnotator": "annotate",
     "annotate_margins": "annotate",
+    "scale_margins": "annotate",
     "TextTemplate": "formatting",
+    # provenance, quality and reports
+    "AnnotationRecord": "provenance",
+    "read_record": "provenance",
+    "STATISTICS": "stats",
+    "LabelledPairs": "evaluation",
+    "QualityReport": "evaluation",
+    "evaluate_direction": "evaluation",
+    "annotation_report": "evaluation",
+    "load_metric": "evaluation",
+    # data, cards and the Hub
+    "DEFAULT_DIRECTION": "data_io",
+    "load_data": "data_io",
+    "pku_saferlhf_to_pairs": "data_io",
+    "generate_responses": "generate",
+    "dataset_card": "cards",
+    "margin_histogram": "plots",
+    "plot_layer_scores": "plots",
+    "push_annotated_dataset": "hub",
 }
 
 __all__ = [
     "__version__",
+    "AnnotationRecord",
+    "DEFAULT_DIRECTION",
     "DirectionModelWarning",
+    "LabelledPairs",
     "MarginAnnotator",
+    "MarginScale",
+    "QualityReport",
+    "RuntimeOptions",
+    "STATISTICS",
     "SafetyDirection",
+    "Scorer",
     "TextTemplate",
     "annotate_margins",
+    "annotation_report",
+    "dataset_card",
+    "evaluate_direction",
+    "fit_balanced",
     "fit_direction",
+    "generate_responses",
+    "load_data",
+    "load_metric",
+    "margin_histogram",
+    "pku_saferlhf_to_pairs",
+    "plot_layer_scores",
+    "push_annotated_dataset",
+    "read_record",
+    "remove_length",
+    "scale_margins",
 ]
 
 if TYPE_CHECKING:
-    from .annotate import MarginAnnotator, annotate_margins
+    from .annotate import MarginAnnotator, annotate_margins, scale_margins
+    from .cards import dataset_card
+    from .data_io import DEFAULT_DIRECTION, load_data, pku_saferlhf_to_pairs
     from .direction import DirectionModelWarning, SafetyDirection
+    from .evaluation import LabelledPairs, QualityReport, annotation_report, evaluate_direction, load_metric
     from .fitting import fit_direction
     from .formatting import TextTemplate
+    from .generate import generate_responses
+    from .hub import push_annotated_dataset
+    from .options import RuntimeOptions
+    from .plots import margin_histogram, plot_layer_scores
+    from .provenance import AnnotationRecord, MarginScale, read_record
+    from .recipes import fit_balanced, remove_length
+    from .scoring import Scorer
+    from .stats import STATISTICS
 
 
 def __getattr__(name: str) -> Any:

@@ -8,12 +8,14 @@ dataset folder, or a Hub dataset id; ``pku_saferlhf_to_pairs`` turns PKU-SafeRLH
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .formatting import InputError
 
-DATA_DIR = Path(__file__).parent / "data"
+PACKAGE_DIR = Path(__file__).parent
+DATA_DIR = PACKAGE_DIR / "data"
 SAMPLE_PREFERENCES = DATA_DIR / "sample_preferences.jsonl"
 FIT_HARMFUL = DATA_DIR / "fit_harmful.jsonl"
 REFUSALS = DATA_DIR / "refusals.json"
@@ -23,6 +25,13 @@ DEFAULT_DIRECTION = DATA_DIR / "smv-smollm2"
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
 OUTPUT_FORMATS = ("parquet", "jsonl")
 PKU_COLUMNS = ("response_0", "response_1")
+
+
+def shipped_folder(installed: str, source: str) -> Path:
+    """A folder kept once at the repository's top level (``source``, e.g. ``hub_cards``) that wheels ship
+    inside the package (``installed``, see pyproject.toml's package-dir): the wheel's copy, else the source."""
+    inside = PACKAGE_DIR / installed
+    return inside if inside.is_dir() else PACKAGE_DIR.parent / source
 
 
 def default_fit_data() -> tuple[list[list[dict[str, Any]]], list[str], list[str]]:
@@ -91,8 +100,27 @@ def write_dataset(dataset: Any, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def is_pku_saferlhf(column_names: list[str]) -> bool:
+def is_pku_saferlhf(column_names: Sequence[str]) -> bool:
     return all(c in column_names for c in (*PKU_COLUMNS, "safer_response_id"))
+
+
+def pku_pair(row: Mapping[str, Any], index: int, *, preference: str = "safer") -> dict[str, Any]:
+    """One PKU-SafeRLHF row's chosen/rejected columns and the labels that follow them (see
+    :func:`pku_saferlhf_to_pairs`)."""
+    id_column = f"{preference}_response_id"
+    first = row.get(id_column)
+    if first not in (0, 1):
+        raise InputError(f"column {id_column!r}, row {index}: expected 0 or 1, got {first!r}")
+    second = 1 - first
+    out: dict[str, Any] = {"chosen": row[f"response_{first}"], "rejected": row[f"response_{second}"]}
+    if "safer_response_id" in row:
+        out["chosen_is_safer"] = row["safer_response_id"] == first
+    for side, i in (("chosen", first), ("rejected", second)):
+        if f"is_response_{i}_safe" in row:
+            out[f"{side}_is_safe"] = row[f"is_response_{i}_safe"]
+        if f"response_{i}_severity_level" in row:
+            out[f"{side}_severity"] = row[f"response_{i}_severity_level"]
+    return out
 
 
 def pku_saferlhf_to_pairs(dataset: Any, *, preference: str = "safer") -> Any:
@@ -103,10 +131,9 @@ def pku_saferlhf_to_pairs(dataset: Any, *, preference: str = "safer") -> Any:
     and ``chosen_severity``/``rejected_severity`` so that ``legend-hf report`` can score margins against them;
     ``chosen_is_safer`` records whether chosen is the safer one. The original columns are kept.
     """
-    id_column = f"{preference}_response_id"
     if preference not in ("safer", "better"):
         raise ValueError(f"preference must be 'safer' or 'better', got {preference!r}")
-    missing = [c for c in (*PKU_COLUMNS, id_column) if c not in dataset.column_names]
+    missing = [c for c in (*PKU_COLUMNS, f"{preference}_response_id") if c not in dataset.column_names]
     if missing:
         raise KeyError(
             f"not PKU-SafeRLHF data: missing column(s) {missing}; the dataset has {dataset.column_names}"
@@ -114,21 +141,9 @@ def pku_saferlhf_to_pairs(dataset: Any, *, preference: str = "safer") -> Any:
     taken = [c for c in ("chosen", "rejected") if c in dataset.column_names]
     if taken:
         raise ValueError(f"the dataset already has {taken} column(s): it needs no PKU-SafeRLHF conversion")
-    columns = dataset.column_names
-
-    def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
-        first = row[id_column]
-        if first not in (0, 1):
-            raise InputError(f"column {id_column!r}, row {index}: expected 0 or 1, got {first!r}")
-        second = 1 - first
-        out: dict[str, Any] = {"chosen": row[f"response_{first}"], "rejected": row[f"response_{second}"]}
-        if "safer_response_id" in columns:
-            out["chosen_is_safer"] = row["safer_response_id"] == first
-        for side, i in (("chosen", first), ("rejected", second)):
-            if f"is_response_{i}_safe" in columns:
-                out[f"{side}_is_safe"] = row[f"is_response_{i}_safe"]
-            if f"response_{i}_severity_level" in columns:
-                out[f"{side}_severity"] = row[f"response_{i}_severity_level"]
-        return out
-
-    return dataset.map(convert, with_indices=True, desc="PKU-SafeRLHF to chosen/rejected")
+    return dataset.map(
+        pku_pair,
+        with_indices=True,
+        fn_kwargs={"preference": preference},
+        desc="PKU-SafeRLHF to chosen/rejected",
+    )

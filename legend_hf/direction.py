@@ -13,17 +13,28 @@ import os
 import re
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .cards import write_direction_card
+from .formatting import InputError
+from .hub import download, looks_local, public_name, push_folder
+from .models import normalize_layer, num_layers
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "direction.safetensors"
 CONFIG_NAME = "direction_config.json"
 SIGN_CONVENTION = "margin = (h(prompt+chosen) - h(prompt+rejected)) . u; positive means chosen is safer"
 _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy")
+
+
+def project(states: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """Safety scores: pooled states ``(n, hidden)`` projected (fp64) on the unit vector of ``vector``."""
+    vector = vector.double()
+    return states.double() @ (vector / vector.norm())
 
 
 class DirectionModelWarning(UserWarning):
@@ -90,11 +101,18 @@ class SafetyDirection:
         """The unit direction at ``layer``: margins are projections on it."""
         return self.vector / self.vector.norm()
 
+    @property
+    def name(self) -> str:
+        """How to name the direction in records and cards: its Hub id, a local folder's name, or its model."""
+        return public_name(self.source) or f"a direction on {self.model_id}"
+
+    def project(self, states: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Safety scores (fp64) of pooled states read at ``layer`` (default: the direction's layer)."""
+        return project(states, self.vectors[self.layer if layer is None else layer])
+
     def select_layer(self, layer: int) -> SafetyDirection:
         """A copy that scores with another fitted layer (Python-style index)."""
-        from dataclasses import replace
-
-        return replace(self, layer=layer % (self.num_layers + 1))
+        return replace(self, layer=normalize_layer(layer, self.num_layers))
 
     def config_dict(self) -> dict[str, Any]:
         """The JSON config: everything but the vectors and the load source."""
@@ -106,8 +124,10 @@ class SafetyDirection:
         return {"format_version": FORMAT_VERSION, **data, "sign_convention": SIGN_CONVENTION}
 
     def fingerprint(self) -> str:
-        """A stable hash of the vectors and config, used for `datasets` cache fingerprints."""
-        digest = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode())
+        """A stable hash of the vectors and config (not of the legend-hf version that wrote them): the
+        direction's identity in provenance records and `datasets` cache fingerprints."""
+        config = {k: v for k, v in self.config_dict().items() if k != "library_version"}
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for k in sorted(self.vectors):
             digest.update(self.vectors[k].numpy().tobytes())
         return digest.hexdigest()[:32]
@@ -116,10 +136,8 @@ class SafetyDirection:
         """Raise before any compute if ``model`` cannot host this direction; warn on another model id."""
         config = model.config
         hidden = getattr(config, "hidden_size", None)
-        from .hidden_states import num_layers
-
         if hidden != self.hidden_size or num_layers(model) != self.num_layers:
-            raise ValueError(
+            raise InputError(
                 f"direction fitted on {self.model_id!r} (hidden_size={self.hidden_size}, "
                 f"{self.num_layers} layers) cannot be used with {getattr(config, '_name_or_path', '?')!r} "
                 f"(hidden_size={hidden}, {num_layers(model)} layers)"
@@ -128,15 +146,18 @@ class SafetyDirection:
         if check_model_id and name and self.model_id and _short(name) != _short(self.model_id):
             warnings.warn(
                 f"direction was fitted on {self.model_id!r} but the model in use is {name!r}; margins are only "
-                "meaningful on the same model (silence with check_model_id=False)",
+                "meaningful on the same model (silence with RuntimeOptions(check_model_id=False), or --no_check_model_id)",
                 DirectionModelWarning,
                 stacklevel=3,
             )
 
     # ----- persistence -------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike[str], *, card: bool = True) -> Path:
-        """Write ``direction.safetensors``, ``direction_config.json`` and (with ``card``) a README.md card."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], *, card: bool = True, repo_id: str | None = None
+    ) -> Path:
+        """Write ``direction.safetensors``, ``direction_config.json`` and (with ``card``) a README.md card
+        (``repo_id`` names the artifact in the card's usage snippets)."""
         from safetensors.torch import save_file
 
         path = Path(save_directory)
@@ -152,9 +173,7 @@ class SafetyDirection:
         save_file(tensors, str(path / WEIGHTS_NAME), metadata=metadata)
         (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2, ensure_ascii=False) + "\n")
         if card:
-            from .cards import write_direction_card
-
-            write_direction_card(self, path)
+            write_direction_card(self, path, repo_id=repo_id)
         return path
 
     @classmethod
@@ -168,30 +187,36 @@ class SafetyDirection:
         token: str | bool | None = None,
         local_files_only: bool = False,
     ) -> SafetyDirection:
-        """Load from a local folder, else from a Hub repo through ``hf_hub_download`` (cache and offline aware)."""
-        path = Path(pretrained_name_or_path)
+        """Load from a local folder, else from a Hub repo through ``hf_hub_download`` (cache and offline aware).
+
+        A name that looks like a path is never sent to the Hub; errors name the folder, or the repo,
+        revision and file, and say what to do.
+        """
+        ref = str(pretrained_name_or_path)
+        path = Path(ref).expanduser()
         if path.is_dir():
             _refuse_pickles(path)
             direction = cls._load(path / CONFIG_NAME, path / WEIGHTS_NAME)
-            direction.source = str(path)
+            direction.source = ref
             return direction
-        from huggingface_hub import hf_hub_download
-
-        repo_id = str(pretrained_name_or_path)
-        kwargs: dict[str, Any] = dict(
-            repo_id=repo_id,
+        if path.is_file():
+            raise FileNotFoundError(
+                f"{ref} is a file: pass the direction's folder (the one holding {WEIGHTS_NAME} and {CONFIG_NAME})"
+            )
+        if looks_local(ref):
+            raise FileNotFoundError(f"{ref}: no such direction folder")
+        (config_file, weights_file), commit = download(
+            ref,
+            [CONFIG_NAME, WEIGHTS_NAME],
             revision=revision,
             cache_dir=cache_dir,
             force_download=force_download,
             token=token,
             local_files_only=local_files_only,
+            missing_hint=f"not a legend-hf direction (it needs {CONFIG_NAME} and {WEIGHTS_NAME})",
         )
-        config_file = hf_hub_download(filename=CONFIG_NAME, **kwargs)
-        weights_file = hf_hub_download(filename=WEIGHTS_NAME, **kwargs)
-        direction = cls._load(Path(config_file), Path(weights_file))
-        direction.source = repo_id
-        match = re.search(r"snapshots/([0-9a-f]{40})/", Path(config_file).as_posix())
-        direction.source_revision = match.group(1) if match else revision
+        direction = cls._load(config_file, weights_file)
+        direction.source, direction.source_revision = ref, commit
         return direction
 
     @classmethod
@@ -204,10 +229,10 @@ class SafetyDirection:
         try:
             config = json.loads(config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{config_file} is not valid JSON ({e})") from e
+            raise InputError(f"{config_file} is not valid JSON ({e})") from e
         version = config.pop("format_version", None)
         if version != FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{config_file} has format_version {version!r}; this legend-hf reads version {FORMAT_VERSION} "
                 "(upgrade legend-hf to read newer artifacts)"
             )
@@ -216,19 +241,19 @@ class SafetyDirection:
         try:
             tensors = load_file(str(weights_file))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(
+            raise InputError(
                 f"{weights_file} is not a valid safetensors file ({e}); re-save the direction"
             ) from e
         vectors: dict[int, torch.Tensor] = {}
         for key, tensor in tensors.items():
             if not re.fullmatch(r"layer_\d+", key):
-                raise ValueError(f"{weights_file}: unexpected tensor {key!r} (expected layer_<index>)")
+                raise InputError(f"{weights_file}: unexpected tensor {key!r} (expected layer_<index>)")
             if not torch.isfinite(tensor).all():
-                raise ValueError(f"{weights_file}: tensor {key!r} holds NaN or inf")
+                raise InputError(f"{weights_file}: tensor {key!r} holds NaN or inf")
             vectors[int(key.split("_")[1])] = tensor
         layers = config.pop("layers", None)
         if layers is not None and sorted(layers) != sorted(vectors):
-            raise ValueError(
+            raise InputError(
                 f"{weights_file} holds layers {sorted(vectors)} but {config_file.name} lists {layers}"
             )
         config.pop("sign_convention", None)
@@ -236,11 +261,11 @@ class SafetyDirection:
         known = {f for f in cls.__dataclass_fields__ if f not in ("vectors", "source", "source_revision")}
         unknown = set(config) - known
         if unknown:
-            raise ValueError(f"{config_file}: unknown fields {sorted(unknown)}")
+            raise InputError(f"{config_file}: unknown fields {sorted(unknown)}")
         try:
             return cls(vectors=vectors, **config)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{config_file} / {weights_file.name}: {e}") from e
+            raise InputError(f"{config_file} / {weights_file.name}: {e}") from e
 
     def push_to_hub(
         self,
@@ -252,22 +277,20 @@ class SafetyDirection:
         revision: str | None = None,
         create_pr: bool = False,
     ) -> Any:
-        """``create_repo(exist_ok=True)`` then ``upload_folder`` of what ``save_pretrained`` writes."""
-        from huggingface_hub import HfApi
+        """Upload what ``save_pretrained`` writes in one commit; a new branch ``revision`` is created first.
 
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        Returns the ``CommitInfo``: ``commit_url``, and with ``create_pr`` the ``pr_url`` and ``pr_revision``.
+        """
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, card=False)
-            from .cards import write_direction_card
-
-            write_direction_card(self, tmp, repo_id=repo_id)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=tmp,
-                commit_message=commit_message,
+            self.save_pretrained(tmp, repo_id=repo_id)
+            return push_folder(
+                tmp,
+                repo_id,
                 revision=revision,
                 create_pr=create_pr,
+                commit_message=commit_message,
+                private=private,
+                token=token,
             )
 
     def __repr__(self) -> str:
@@ -287,7 +310,7 @@ def _refuse_pickles(path: Path) -> None:
         return
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in _UNSAFE_SUFFIXES)
     if pickles:
-        raise ValueError(
+        raise InputError(
             f"{path} has no {WEIGHTS_NAME} but {pickles}: legend-hf loads only safetensors and JSON "
             "(never pickles); convert the vectors with safetensors.torch.save_file"
         )

@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -50,48 +50,20 @@ class ShardRun:
 def run_config(annotator: MarginAnnotator) -> dict[str, Any]:
     """What an annotation computes, as JSON: the direction fingerprint and the options that change margins
     (device, batch sizes and warnings do not)."""
-    model, tokenizer = annotator.model_ref, annotator.tokenizer_ref
-    if isinstance(model, torch.nn.Module):
-        model = getattr(model.config, "_name_or_path", None)
+    scorer = annotator.scorer
+    tokenizer = scorer.tokenizer_ref
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = getattr(tokenizer, "name_or_path", None)
     return {
         "direction_fingerprint": annotator.direction.fingerprint(),
-        "model": None if model is None else str(model),
+        "model": scorer.model_id,
         "tokenizer": None if tokenizer is None else str(tokenizer),
-        "revision": annotator.revision,
-        "dtype": annotator.dtype,
-        "columns": [annotator.prompt_column, annotator.chosen_column, annotator.rejected_column],
-        "scale": annotator.scale,
-        "bin_edges": annotator.bin_edges,
-        "levels": annotator.levels,
-        "max_length": annotator.max_length,
+        "revision": scorer.runtime.model_revision,
+        "dtype": scorer.runtime.dtype,
+        "columns": list(annotator.columns),
+        "scale": asdict(annotator.scale),
+        "max_length": scorer.runtime.max_length or annotator.direction.max_length,
     }
-
-
-def settings(annotator: MarginAnnotator) -> dict[str, Any]:
-    """The ``legend_hf`` entry of the merged dataset's ``info.description`` (as ``annotate_margins`` writes)."""
-    direction = annotator.direction
-    return {
-        "direction": direction.source or direction.model_id,
-        "direction_fingerprint": direction.fingerprint(),
-        "scale": annotator.scale,
-        "bins": None,
-        "bin_edges": annotator.bin_edges,
-        "levels": annotator.levels,
-    }
-
-
-def output_features(features: Any, annotator: MarginAnnotator) -> Any:
-    """The input ``Features`` plus the columns the annotator adds."""
-    from datasets import Features, Value
-
-    clash = sorted(set(annotator.new_columns) & set(features))
-    if clash:
-        raise ValueError(
-            f"the dataset already has column(s) {clash}; remove or rename them before annotating"
-        )
-    return Features({**features, **{c: Value(t) for c, t in annotator.features().items()}})
 
 
 def _fingerprint(data: Any) -> str:
@@ -189,9 +161,10 @@ def annotate_shards(
     output.mkdir(parents=True, exist_ok=True)
     # Lazy: the model loads at the first shard to compute, not when every shard is done.
     annotator = MarginAnnotator(direction, lazy=True, **annotator_options)
+    annotator.check_columns(dataset.column_names)
     config = run_config(annotator)
     ranges = shard_ranges(len(dataset), shard_size)
-    features = output_features(dataset.features, annotator)
+    features = annotator.features(dataset.features)
     write_manifest(
         output,
         {
@@ -200,7 +173,6 @@ def annotate_shards(
             "shard_size": shard_size,
             "num_shards": len(ranges),
             "config": config,
-            "settings": settings(annotator),
             "features": features.to_dict(),
         },
     )
@@ -359,7 +331,6 @@ def load_annotated(path: str | os.PathLike[str]) -> Any:
         raise ValueError(f"{manifest_file}: unknown engine {manifest['engine']!r}")
     if len(merged) != num_rows:
         raise ValueError(f"{folder} holds {len(merged)} rows, the input had {num_rows}")
-    merged.info.description = json.dumps({"legend_hf": manifest["settings"]})
     return merged
 
 

@@ -3,98 +3,47 @@
 Each harmful (prompt, response) is contrasted with a safe response to the same prompt: a refusal
 (default "I can't answer that.", as in the paper) or a row of ``harmless``. One forward pass reads
 every requested layer; per-layer held-out scores are recorded and ``layer="auto"`` picks the best.
+
+A method is a function ``(safe states, harmful states) -> vector`` (``mean_diff``, ``pca``, ``logistic``
+below, or your own); the sign is then fixed so that safer text projects higher.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .direction import SafetyDirection
-from .evaluation import roc_auc
-from .formatting import Conversation, TextTemplate, to_conversation
-from .hidden_states import (
-    TextReader,
-    default_pooling,
-    load_model,
-    model_identity,
-    normalize_layer,
-    num_layers,
-)
+from .direction import SafetyDirection, project
+from .formatting import Conversation, InputError, TextTemplate, to_conversation
+from .hidden_states import TextReader
+from .models import default_pooling, load_model, model_identity, normalize_layer, num_layers
+from .options import RuntimeOptions, runtime_options
+from .stats import roc_auc
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REFUSAL = "I can't answer that."
-METHODS = ("mean_diff", "pca", "logistic")
+Method = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def read_rows(rows: Any, *, prompt_column: str, response_column: str, name: str) -> list[Conversation]:
-    """(prompt messages, response) for each row of a ``datasets.Dataset`` or a list of dicts."""
-    if hasattr(rows, "column_names"):
-        missing = [c for c in (prompt_column, response_column) if c not in rows.column_names]
-        if missing:
-            raise KeyError(f"{name}: missing column(s) {missing}; it has {rows.column_names}")
-        columns = (rows[prompt_column], rows[response_column])
-        pairs: Iterable[tuple[Any, Any]] = zip(*columns, strict=True)
-    else:
-        rows = list(rows)
-        for i, row in enumerate(rows):
-            if not isinstance(row, Mapping):
-                raise ValueError(
-                    f"{name}: row {i} must be a dict with {prompt_column!r} and {response_column!r}"
-                )
-            for column in (prompt_column, response_column):
-                if column not in row:
-                    raise KeyError(f"{name}: row {i} has no {column!r} key")
-        pairs = ((row[prompt_column], row[response_column]) for row in rows)
-    out = []
-    for i, (prompt, response) in enumerate(pairs):
-        if prompt is None:
-            raise ValueError(
-                f"{name}: column {prompt_column!r}, row {i}: expected text or messages, got None"
-            )
-        out.append(
-            to_conversation(
-                prompt,
-                response,
-                prompt_column=f"{name}.{prompt_column}",
-                response_column=f"{name}.{response_column}",
-                row=i,
-            )
-        )
-    if not out:
-        raise ValueError(f"{name} is empty: a direction needs at least one example")
-    return out
+def mean_diff(safe: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
+    """The paper's Standard Margin Vector: mean safe state minus mean harmful state."""
+    return safe.mean(0) - harmful.mean(0)
 
 
-def direction_from_states(
-    safe: torch.Tensor, harmful: torch.Tensor, method: str, *, paired: bool
-) -> torch.Tensor:
-    """The direction (safer projects higher) from pooled states ``(n, hidden)`` of safe and harmful texts."""
-    safe, harmful = safe.double(), harmful.double()
-    if method == "mean_diff":
-        vector = safe.mean(0) - harmful.mean(0)
-    elif method == "pca":
-        if not paired:
-            raise ValueError("method='pca' needs paired data: harmless must have one row per harmful row")
-        diffs = safe - harmful
-        # First right singular vector of the uncentred differences (RepE's PCA with random sign flips).
-        vector = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
-    elif method == "logistic":
-        vector = _logistic_direction(safe, harmful)
-    else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if float((safe.mean(0) - harmful.mean(0)) @ vector) < 0:
-        vector = -vector
-    return vector.float()
+def pca(safe: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
+    """First right singular vector of the uncentred paired differences (RepE's PCA with random sign flips)."""
+    if len(safe) != len(harmful):
+        raise ValueError("method 'pca' needs paired data: harmless must have one row per harmful row")
+    return torch.linalg.svd(safe - harmful, full_matrices=False).Vh[0]
 
 
-def _logistic_direction(safe: torch.Tensor, harmful: torch.Tensor, l2: float = 1e-2) -> torch.Tensor:
+def logistic(safe: torch.Tensor, harmful: torch.Tensor, l2: float = 1e-2) -> torch.Tensor:
     """Weights of an L2-regularised logistic probe (safe = 1), mapped back to raw hidden-state space."""
     x = torch.cat([safe, harmful])
     y = torch.cat([torch.ones(len(safe)), torch.zeros(len(harmful))]).double()
@@ -115,20 +64,76 @@ def _logistic_direction(safe: torch.Tensor, harmful: torch.Tensor, l2: float = 1
     return (w / std).detach()
 
 
+METHODS: dict[str, Method] = {"mean_diff": mean_diff, "pca": pca, "logistic": logistic}
+
+
+def _method(method: str | Method) -> tuple[str, Method]:
+    if callable(method):
+        return getattr(method, "__name__", "custom"), method
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)} or a function, got {method!r}")
+    return method, METHODS[method]
+
+
+def direction_from_states(safe: torch.Tensor, harmful: torch.Tensor, method: str | Method) -> torch.Tensor:
+    """The direction (safer projects higher) from pooled states ``(n, hidden)`` of safe and harmful texts."""
+    safe, harmful = safe.double(), harmful.double()
+    vector = _method(method)[1](safe, harmful).double()
+    if float((safe.mean(0) - harmful.mean(0)) @ vector) < 0:
+        vector = -vector
+    return vector.float()
+
+
 def layer_scores(
-    safe: torch.Tensor, harmful: torch.Tensor, method: str, *, paired: bool, holdout: float, seed: int
+    safe: torch.Tensor, harmful: torch.Tensor, method: str | Method, *, holdout: float, seed: int
 ) -> dict[str, float]:
     """Held-out scores of one layer: pair sign accuracy and AUC of safe vs harmful projections."""
     n = min(len(safe), len(harmful))
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, round(n * holdout))
     test, train = order[:n_test], order[n_test:]
-    vector = direction_from_states(safe[train], harmful[train], method, paired=paired)
-    unit = vector / vector.norm()
-    s, h = safe[test] @ unit, harmful[test] @ unit
+    vector = direction_from_states(safe[train], harmful[train], method)
+    s, h = project(safe[test], vector), project(harmful[test], vector)
     auc = roc_auc([*s.tolist(), *h.tolist()], [1] * len(s) + [0] * len(h))
     return {"accuracy": float((s > h).double().mean()), "auc": auc, "n_heldout": float(n_test)}
+
+
+def read_rows(rows: Any, *, prompt_column: str, response_column: str, name: str) -> list[Conversation]:
+    """(prompt messages, response) for each row of a ``datasets.Dataset`` or a list of dicts."""
+    if hasattr(rows, "column_names"):
+        missing = [c for c in (prompt_column, response_column) if c not in rows.column_names]
+        if missing:
+            raise KeyError(f"{name}: missing column(s) {missing}; it has {rows.column_names}")
+        pairs: Iterable[tuple[Any, Any]] = zip(rows[prompt_column], rows[response_column], strict=True)
+    else:
+        rows = list(rows)
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise InputError(
+                    f"{name}: row {i} must be a dict with {prompt_column!r} and {response_column!r}"
+                )
+            for column in (prompt_column, response_column):
+                if column not in row:
+                    raise KeyError(f"{name}: row {i} has no {column!r} key")
+        pairs = ((row[prompt_column], row[response_column]) for row in rows)
+    out = []
+    for i, (prompt, response) in enumerate(pairs):
+        if prompt is None:
+            raise InputError(
+                f"{name}: column {prompt_column!r}, row {i}: expected text or messages, got None"
+            )
+        out.append(
+            to_conversation(
+                prompt,
+                response,
+                prompt_column=f"{name}.{prompt_column}",
+                response_column=f"{name}.{response_column}",
+                row=i,
+            )
+        )
+    if not out:
+        raise InputError(f"{name} is empty: a direction needs at least one example")
+    return out
 
 
 def fit_direction(
@@ -139,21 +144,17 @@ def fit_direction(
     tokenizer: Any = None,
     layer: int | Sequence[int] | str = -1,
     pooling: str | None = None,
-    method: str = "mean_diff",
+    method: str | Method = "mean_diff",
     template: str | None = None,
     refusals: str | Sequence[str] | None = None,
     prompt_column: str = "prompt",
     response_column: str = "response",
-    max_length: int | None = None,
     holdout: float = 0.2,
     seed: int = 0,
     description: str | None = None,
     model_id: str | None = None,
-    revision: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    max_tokens_per_batch: int = 8192,
-    trust_remote_code: bool = False,
+    runtime: RuntimeOptions | None = None,
+    **deprecated: Any,
 ) -> SafetyDirection:
     """Fit a safety direction on an annotator model.
 
@@ -165,14 +166,18 @@ def fit_direction(
         layer: an index (Python-style, ``-1`` = last hidden state), a list of indices, or ``"auto"``
             (every block; the best held-out AUC wins). All are read in one forward pass.
         pooling: ``"last"`` (default for decoders) or ``"mean"`` (default for encoders).
-        method: ``"mean_diff"`` (the paper's SMV), ``"pca"`` or ``"logistic"``.
+        method: ``"mean_diff"`` (the paper's SMV), ``"pca"``, ``"logistic"`` or a function
+            ``(safe states, harmful states) -> vector``.
         template: ``"auto"`` (chat template if any, else Alpaca), ``"chat"``, ``"alpaca"``, ``"none"`` or a
             format string with ``{prompt}`` and ``{response}``.
         holdout: share of pairs held out to score each layer (scores only; the final vector uses all pairs).
         model_id: the id to record for the model (e.g. the Hub id of a local copy); default: its path or id.
+        runtime: how the model runs (device, dtype, max_length, batching...).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    runtime = runtime_options(runtime, deprecated, "fit_direction")
+    method_name, method_fn = _method(method)
+    if not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
     harmful_rows = read_rows(
         harmful, prompt_column=prompt_column, response_column=response_column, name="harmful"
     )
@@ -183,17 +188,16 @@ def fit_direction(
         safe_rows = [
             (prompt, refusal_list[i % len(refusal_list)]) for i, (prompt, _) in enumerate(harmful_rows)
         ]
-        paired = True
     else:
         refusal_list = []
         safe_rows = read_rows(
             harmless, prompt_column=prompt_column, response_column=response_column, name="harmless"
         )
-        paired = len(safe_rows) == len(harmful_rows)
+    paired = len(safe_rows) == len(harmful_rows)
+    if method_fn is pca and not paired:
+        raise ValueError("method 'pca' needs paired data: harmless must have one row per harmful row")
 
-    base, tokenizer = load_model(
-        model, tokenizer, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-    )
+    base, tokenizer = load_model(model, tokenizer, runtime)
     n_layers = num_layers(base)
     if layer == "auto":
         candidates = list(range(1, n_layers + 1))
@@ -211,8 +215,8 @@ def fit_direction(
         layers=candidates,
         pooling=pooling,
         template=text_template,
-        max_length=max_length,
-        max_tokens_per_batch=max_tokens_per_batch,
+        runtime=runtime,
+        max_length=runtime.max_length,
         progress="legend-hf fit: reading texts",
     )
     if paired:  # each harmful row and its safe row share the prompt: run it once
@@ -228,24 +232,18 @@ def fit_direction(
         )
     n = len(harmful_rows)
     scores: dict[int, dict[str, float]] = {}
-    if min(n, len(safe_rows)) >= 5 and 0 < holdout < 1:
+    if min(n, len(safe_rows)) >= 5 and holdout > 0:
         for k in candidates:
-            scores[k] = layer_scores(
-                states[k][n:], states[k][:n], method, paired=paired, holdout=holdout, seed=seed
-            )
+            scores[k] = layer_scores(states[k][n:], states[k][:n], method_fn, holdout=holdout, seed=seed)
     if layer == "auto":
         if not scores:
             raise ValueError("layer='auto' needs at least 5 harmful and 5 safe examples to score layers")
         chosen = max(candidates, key=lambda k: (scores[k]["auc"], scores[k]["accuracy"], k))
+    elif isinstance(layer, int):
+        chosen = candidates[-1]
     else:
-        chosen = (
-            candidates[-1]
-            if isinstance(layer, int)
-            else max(candidates, key=lambda k: (scores.get(k, {}).get("auc", 0.0), k))
-        )
-    vectors = {
-        k: direction_from_states(states[k][n:], states[k][:n], method, paired=paired) for k in candidates
-    }
+        chosen = max(candidates, key=lambda k: (scores.get(k, {}).get("auc", 0.0), k))
+    vectors = {k: direction_from_states(states[k][n:], states[k][:n], method_fn) for k in candidates}
     config: Any = base.config
     found_id, model_revision = model_identity(base)
     model_id = model_id or found_id or (str(model) if isinstance(model, (str, os.PathLike)) else "")
@@ -262,13 +260,13 @@ def fit_direction(
         vectors=vectors,
         layer=chosen,
         model_id=model_id,
-        model_revision=model_revision or revision,
+        model_revision=model_revision or runtime.model_revision,
         model_type=config.model_type,
         hidden_size=config.hidden_size,
         num_layers=n_layers,
         pooling=pooling,
         template=text_template.kind,
-        method=method,
+        method=method_name,
         refusals=refusal_list,
         max_length=reader.max_length,
         fit_data=fit_data,

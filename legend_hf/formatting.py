@@ -9,6 +9,7 @@ format string with ``{prompt}`` and ``{response}``.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,8 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 class InputError(ValueError):
-    """A row holds a value of the wrong type or shape; the message names row and column."""
+    """Input data is not what legend-hf expects (a row, a column, a file, an artifact): the message names
+    where (row and column, or file) and what was expected."""
 
 
 def _where(column: str, row: int | str | None) -> str:
@@ -100,6 +102,40 @@ def to_conversation(
         f"{_where(prompt_column, row)}: expected a string or a list of messages, "
         f"got {type(prompt).__name__} {prompt!r:.80}"
     )
+
+
+def pair_conversations(
+    prompts: Sequence[Any] | None,
+    chosen: Sequence[Any],
+    rejected: Sequence[Any],
+    *,
+    columns: tuple[str, str, str] = ("prompt", "chosen", "rejected"),
+    rows: Sequence[int] | None = None,
+) -> tuple[list[Conversation], list[Conversation]]:
+    """(prompt messages, response) of both sides of every pair. ``prompts=None`` means no prompt column:
+    the responses are HH-RLHF dialogues or message lists that hold their prompt. Errors name the column
+    (``columns``: the prompt, chosen and rejected names) and the row (``rows``: dataset row numbers)."""
+    n = len(chosen)
+    if len(rejected) != n or (prompts is not None and len(prompts) != n):
+        lengths = {
+            columns[1]: n,
+            columns[2]: len(rejected),
+            **({columns[0]: len(prompts)} if prompts is not None else {}),
+        }
+        raise InputError(f"the inputs differ in length: {lengths}")
+    names: list[int | str] = list(rows) if rows is not None else [f"{i} of this batch" for i in range(n)]
+    out: tuple[list[Conversation], list[Conversation]] = ([], [])
+    for side, responses, column in ((0, chosen, columns[1]), (1, rejected, columns[2])):
+        for i in range(n):
+            if prompts is not None and prompts[i] is None:
+                raise InputError(f"{_where(columns[0], names[i])}: expected text or messages, got None")
+            prompt = None if prompts is None else prompts[i]
+            out[side].append(
+                to_conversation(
+                    prompt, responses[i], prompt_column=columns[0], response_column=column, row=names[i]
+                )
+            )
+    return out
 
 
 def messages_to_text(messages: list[Message]) -> str:

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from .formatting import ALPACA_TEMPLATE, InputError, Message, messages_to_text
-from .hidden_states import resolve_device
+from .hub import public_name
+from .models import resolve_device, resolve_model
+from .options import RuntimeOptions, runtime_options
 
 GENERATION_KEY = "legend_hf_generation"
 TEMPLATES = ("auto", "chat", "alpaca", "none")
@@ -85,16 +87,16 @@ def prompt_text(
 
 
 def load_generator(
-    model: str | os.PathLike[str] | nn.Module,
-    tokenizer: Any = None,
-    *,
-    revision: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
+    model: str | os.PathLike[str] | nn.Module, tokenizer: Any = None, runtime: RuntimeOptions | None = None
 ) -> tuple[nn.Module, Any]:
     """A causal LM (with its LM head) and its tokenizer, set up for left-padded batched generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    runtime = runtime or RuntimeOptions()
+    options: dict[str, Any] = {
+        "revision": runtime.model_revision,
+        "trust_remote_code": runtime.trust_remote_code,
+    }
     if isinstance(model, nn.Module):
         lm = model
         name = getattr(model.config, "_name_or_path", "")
@@ -102,15 +104,16 @@ def load_generator(
             raise ValueError("pass tokenizer= with a model object that has no name_or_path")
         tokenizer = tokenizer if tokenizer is not None else name
     else:
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        lm = AutoModelForCausalLM.from_pretrained(str(model), revision=revision, dtype=dtype or torch.float32)
-        tokenizer = tokenizer if tokenizer is not None else str(model)
+        path = resolve_model(model, runtime.model_revision)
+        dtype = getattr(torch, runtime.dtype) if runtime.dtype else torch.float32
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
+        tokenizer = tokenizer if tokenizer is not None else path
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), **options)
     tokenizer.padding_side = "left"  # generation continues the last token of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = lm.to(resolve_device(device)).eval()
+    lm = lm.to(resolve_device(runtime.device)).eval()
     return lm, tokenizer
 
 
@@ -123,10 +126,7 @@ def generate_responses(
     response_column: str = "response",
     batch_size: int = 8,
     settings: GenerationSettings | None = None,
-    revision: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    progress: bool = True,
+    runtime: RuntimeOptions | None = None,
     **setting_overrides: Any,
 ) -> Any:
     """Generate one response per prompt; returns a ``datasets.Dataset`` (input columns + ``response_column``).
@@ -138,12 +138,19 @@ def generate_responses(
         settings: a :class:`GenerationSettings`; keyword overrides (``max_new_tokens=64``, ``do_sample=True``
             ...) replace its fields. ``template="auto"`` uses the chat template when the tokenizer has one.
         batch_size: prompts per ``generate`` call; prompts are sorted by length so batches pad little.
+        runtime: device, dtype, model revision, ``trust_remote_code`` and progress bars.
 
     The output also holds ``response_truncated`` (generation stopped at ``max_new_tokens``).
     """
     from datasets import Dataset
     from tqdm.auto import tqdm
 
+    legacy: dict[str, Any] = {
+        k: setting_overrides.pop(k)
+        for k in ("revision", "device", "dtype", "progress")
+        if k in setting_overrides
+    }
+    runtime = runtime_options(runtime, legacy, "generate_responses")
     settings = GenerationSettings(**{**asdict(settings or GenerationSettings()), **setting_overrides})
     if isinstance(prompts, Dataset):
         dataset = prompts
@@ -161,7 +168,7 @@ def generate_responses(
         raise ValueError(
             f"the prompts already have a {response_column!r} column; choose another response_column"
         )
-    lm, tokenizer = load_generator(model, tokenizer, revision=revision, device=device, dtype=dtype)
+    lm, tokenizer = load_generator(model, tokenizer, runtime)
     template = settings.template
     if template == "auto":
         template = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
@@ -181,7 +188,9 @@ def generate_responses(
     generator: Any = lm  # a GenerationMixin model
     torch.manual_seed(settings.seed)
     device_ = next(lm.parameters()).device
-    with tqdm(total=len(texts), desc="legend-hf generate", unit="prompt", disable=not progress) as bar:
+    with tqdm(
+        total=len(texts), desc="legend-hf generate", unit="prompt", disable=not runtime.progress
+    ) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             encoded = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt")
@@ -200,13 +209,13 @@ def generate_responses(
                 responses[row] = tokenizer.decode(real, skip_special_tokens=True).strip()
             bar.update(len(batch))
     result = dataset.add_column(response_column, responses).add_column("response_truncated", truncated)
-    model_id = str(getattr(lm.config, "_name_or_path", "") or "")
+    model_id = public_name(str(getattr(lm.config, "_name_or_path", "") or "")) or ""
     record = {
         **asdict(settings),
         "template": template,
         "batch_size": batch_size,
         "model_id": model_id,
-        "model_revision": revision or getattr(lm.config, "_commit_hash", None),
+        "model_revision": runtime.model_revision or getattr(lm.config, "_commit_hash", None),
         "prompt_column": prompt_column,
         "response_column": response_column,
     }

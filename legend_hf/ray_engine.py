@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .annotate import COLUMN_TYPES, MarginAnnotator
+from .annotate import MarginAnnotator
 from .direction import SafetyDirection
-from .distributed import ROW_COLUMN, output_features, run_config, settings, write_manifest
+from .distributed import ROW_COLUMN, run_config, write_manifest
+from .provenance import COLUMN_TYPES
 
 
 def _import_ray() -> Any:
@@ -143,7 +144,8 @@ def annotate_with_ray(
     else:
         pieces, num_rows, schema = parquet_pieces(source)
         input_features = Features.from_arrow_schema(schema)
-    features = output_features(input_features, annotator)
+    annotator.check_columns(list(input_features))
+    features = annotator.features(input_features)
     features[ROW_COLUMN] = Value("int64")
     if num_rows:
         if not ray.is_initialized():
@@ -188,7 +190,6 @@ def annotate_with_ray(
             "engine": "ray",
             "num_rows": num_rows,
             "config": run_config(annotator),
-            "settings": settings(annotator),
             "features": features.to_dict(),
         },
     )

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from .direction import SafetyDirection
-from .fitting import read_rows
-from .formatting import TextTemplate
-from .hidden_states import TextReader, load_model
+from .fitting import fit_direction, read_rows
+from .models import load_model
+from .options import RuntimeOptions, runtime_options
+from .scoring import Scorer
 
 
 def balanced_harmless(
@@ -73,25 +74,23 @@ def fit_balanced(
     completions: Sequence[str],
     *,
     tokenizer: Any = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    max_tokens_per_batch: int = 8192,
+    runtime: RuntimeOptions | None = None,
     **fit_options: Any,
 ) -> SafetyDirection:
     """The recommended recipe (bench/README.md, "Quality"): each group of harmful rows against its prompts
     answered by refusals and safe completions in turn (:func:`balanced_harmless`), a logistic probe with
     ``layer="auto"``, then the mean length direction of every group, harmful and safe, projected out
-    (:func:`remove_length`). ``fit_options`` go to ``fit_direction`` (``max_length``, ``description``...).
+    (:func:`remove_length`). ``fit_options`` go to ``fit_direction`` (``description``, ``model_id``...).
 
     The shipped SmolLM2 direction is ``fit_balanced(model, [advbench_fit, fit_harmful], refusals,
     safe_completions)`` on the package data (``scripts/fit_default_direction.py``).
     """
-    from .fitting import fit_direction
-
+    legacy = {k: fit_options.pop(k) for k in list(fit_options) if k in RuntimeOptions.__dataclass_fields__}
+    legacy.update({k: fit_options.pop(k) for k in ("revision",) if k in fit_options})
+    runtime = runtime_options(runtime, legacy, "fit_balanced")
     safe_groups = [balanced_harmless(group, refusals, completions) for group in harmful_groups]
     if not isinstance(model, nn.Module):  # load once for both passes
-        revision = fit_options.pop("revision", None)
-        model, tokenizer = load_model(model, tokenizer, revision=revision, dtype=dtype, device=device)
+        model, tokenizer = load_model(model, tokenizer, runtime)
     direction = fit_direction(
         model,
         [row for group in harmful_groups for row in group],
@@ -99,19 +98,11 @@ def fit_balanced(
         tokenizer=tokenizer,
         method="logistic",
         layer="auto",
-        device=device,
-        dtype=dtype,
-        max_tokens_per_batch=max_tokens_per_batch,
+        runtime=runtime,
         **fit_options,
     )
     return remove_length(
-        direction,
-        [*harmful_groups, *safe_groups],
-        model=model,
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
-        max_tokens_per_batch=max_tokens_per_batch,
+        direction, [*harmful_groups, *safe_groups], model=model, tokenizer=tokenizer, runtime=runtime
     )
 
 
@@ -155,9 +146,8 @@ def remove_length(
     tokenizer: Any = None,
     prompt_column: str = "prompt",
     response_column: str = "response",
-    max_tokens_per_batch: int = 8192,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
+    runtime: RuntimeOptions | None = None,
+    **deprecated: Any,
 ) -> SafetyDirection:
     """Project the mean length direction of ``groups`` out of every layer of ``direction``.
 
@@ -165,31 +155,21 @@ def remove_length(
     harmful answers, and the refusals, the direction was fitted on; its length direction is the long minus
     the short half by response tokens, and the mean over groups is removed. All groups are read in one
     pass with the direction's model, template, pooling and layers. Held-out layer scores are dropped
-    (they describe the vectors before projection): re-score with ``legend_hf.evaluation``.
+    (they describe the vectors before projection): re-score with ``legend_hf.evaluate_direction``.
     """
+    runtime = runtime_options(runtime, deprecated, "remove_length")
     rows = [
         read_rows(g, prompt_column=prompt_column, response_column=response_column, name=f"groups[{i}]")
         for i, g in enumerate(groups)
     ]
     if not rows:
         raise ValueError("remove_length needs at least one group of texts")
-    revision = None
-    if model is None:
-        model, revision = direction.model_id, direction.model_revision
-    base, tokenizer = load_model(model, tokenizer, revision=revision, dtype=dtype, device=device)
-    direction.check_model(base)
-    reader = TextReader(
-        base,
-        tokenizer,
-        layers=sorted(direction.vectors),
-        pooling=direction.pooling,
-        template=TextTemplate.resolve(direction.template, tokenizer),
-        max_length=direction.max_length,
-        max_tokens_per_batch=max_tokens_per_batch,
-    )
+    reader = Scorer(direction, model, tokenizer, runtime=runtime, layers=sorted(direction.vectors)).load()
     flat = [conversation for group in rows for conversation in group]
     states, _ = reader.read(flat)
-    lengths = [len(ids) for ids in tokenizer([r for _, r in flat], add_special_tokens=False)["input_ids"]]
+    lengths = [
+        len(ids) for ids in reader.tokenizer([r for _, r in flat], add_special_tokens=False)["input_ids"]
+    ]
     spans, start = [], 0
     for group in rows:
         spans.append(slice(start, start + len(group)))

@@ -25,21 +25,15 @@ The artifact records ``HuggingFaceTB/SmolLM2-135M-Instruct`` as its model id, no
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from transformers import HfArgumentParser
 
-from legend_hf.cli import (
-    CommonArguments,
-    FitArguments,
-    InputArguments,
-    RuntimeArguments,
-    resolve_model,
-    run_fit,
-)
+from legend_hf import RuntimeOptions
+from legend_hf.cli.arguments import CommonArguments, FitArguments, InputArguments
+from legend_hf.cli.commands import run_fit
 from legend_hf.data_io import DEFAULT_DIRECTION, FIT_HARMFUL, REFUSALS
 from legend_hf.models import DEFAULT_MODEL_ID
 
@@ -76,39 +70,29 @@ class DefaultFitArguments(FitArguments):
     output_dir: str = field(default=str(DEFAULT_DIRECTION), metadata={"help": "artifact folder to write"})
 
 
-def run_balanced(args: DefaultFitArguments, runtime: RuntimeArguments) -> int:
+def run_balanced(args: DefaultFitArguments, runtime: RuntimeOptions) -> int:
     """The recommended recipe from package data (bench/quality.py ``package_recipe`` is the same)."""
-    from legend_hf.cards import write_direction_card
     from legend_hf.data_io import default_fit_data
     from legend_hf.recipes import fit_balanced
 
     groups, refusals, completions = default_fit_data()
-    model, model_id = resolve_model(args.model)
     direction = fit_balanced(
-        model,
+        args.model,
         groups,
         refusals,
         completions,
-        device=runtime.device,
-        dtype=runtime.dtype,
-        max_tokens_per_batch=runtime.max_tokens_per_batch,
-        max_length=runtime.max_length,
+        runtime=runtime,
         description=args.description or BALANCED_DESCRIPTION,
-        revision=runtime.model_revision,
+        model_id=args.model_id,
     )
-    model_id = args.model_id or model_id
-    if model_id:  # a local copy's path must not leak into a shareable artifact
-        revision = None if model_id != direction.model_id else direction.model_revision
-        direction = dataclasses.replace(direction, model_id=model_id, model_revision=revision)
-    folder = direction.save_pretrained(args.output_dir, card=False)
-    write_direction_card(direction, folder, repo_id=args.push_to_hub)
-    print(f"wrote {folder} (layer {direction.layer})")
+    folder = direction.save_pretrained(args.output_dir, repo_id=args.push_to_hub)
+    print(f"wrote {folder} (layer {direction.layer}, fingerprint {direction.fingerprint()})")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(
-        cast(Any, (DefaultFitArguments, InputArguments, RuntimeArguments, CommonArguments)),
+        cast(Any, (DefaultFitArguments, InputArguments, RuntimeOptions, CommonArguments)),
         description=__doc__,
     )
     args, data, runtime, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

@@ -13,7 +13,16 @@ import torch
 from conftest import HARMFUL, PAIRS
 from datasets import Dataset, load_from_disk
 
-from legend_hf import MarginAnnotator, SafetyDirection, annotate_margins, fit_direction
+from legend_hf import (
+    MarginAnnotator,
+    MarginScale,
+    RuntimeOptions,
+    SafetyDirection,
+    annotate_margins,
+    fit_direction,
+    read_record,
+    scale_margins,
+)
 from legend_hf.direction import DirectionModelWarning
 
 
@@ -51,23 +60,30 @@ def test_invariant_to_batch_size_padding_side_and_row_order(tiny_model_path, pai
     reference = margins(pairs.map(MarginAnnotator(direction), batched=True, batch_size=1))
     big = pairs.map(MarginAnnotator(direction), batched=True, batch_size=64)
     torch.testing.assert_close(margins(big), reference, atol=1e-5, rtol=0)
-    tiny_budget = pairs.map(MarginAnnotator(direction, max_tokens_per_batch=1), batched=True, batch_size=64)
+    tiny_budget = pairs.map(
+        MarginAnnotator(direction, runtime=RuntimeOptions(max_tokens_per_batch=1)),
+        batched=True,
+        batch_size=64,
+    )
     torch.testing.assert_close(margins(tiny_budget), reference, atol=1e-5, rtol=0)
     for side in ("left", "right"):
         annotator = MarginAnnotator(direction)
-        assert annotator._reader is not None
-        annotator._reader.tokenizer.padding_side = side
+        annotator.scorer.load().tokenizer.padding_side = side
         torch.testing.assert_close(
             margins(pairs.map(annotator, batched=True, batch_size=64)), reference, atol=1e-5, rtol=0
         )
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1)).tolist()
     shuffled = pairs.select(order).map(MarginAnnotator(direction), batched=True, batch_size=7)
     torch.testing.assert_close(margins(shuffled), reference[order], atol=1e-5, rtol=0)
-    padded = MarginAnnotator(direction, batch_size=64, max_tokens_per_batch=100_000)  # many rows per forward
+    padded = MarginAnnotator(  # many rows per forward
+        direction, runtime=RuntimeOptions(max_batch_size=64, max_tokens_per_batch=100_000)
+    )
     torch.testing.assert_close(
         margins(pairs.map(padded, batched=True, batch_size=64)), reference, atol=1e-5, rtol=0
     )
-    unshared = pairs.map(MarginAnnotator(direction, share_prompt=False), batched=True, batch_size=64)
+    unshared = pairs.map(
+        MarginAnnotator(direction, runtime=RuntimeOptions(share_prompt=False)), batched=True, batch_size=64
+    )
     torch.testing.assert_close(margins(unshared), reference, atol=1e-5, rtol=0)
     direct = MarginAnnotator(direction)(pairs[:])
     torch.testing.assert_close(
@@ -135,16 +151,51 @@ def test_scale_and_bins(llama_direction, pairs):
     scaled = annotate_margins(pairs, llama_direction, scale="standardize")
     torch.testing.assert_close(margins(scaled), raw / raw.std())
     torch.testing.assert_close(torch.tensor(scaled["margin_raw"], dtype=torch.float64), raw)
+    assert read_record(scaled).scale == "standardize"
+    torch.testing.assert_close(
+        margins(annotate_margins(pairs, llama_direction, scale="standardize", target_std=2.0)),
+        2 * raw / raw.std(),
+    )
     fixed = annotate_margins(pairs, llama_direction, scale=2.0)
     torch.testing.assert_close(margins(fixed), raw * 2)
+    clipped = annotate_margins(pairs, llama_direction, clip=(0.0, None))
+    torch.testing.assert_close(margins(clipped), raw.clamp(min=0))
     binned = annotate_margins(pairs, llama_direction, bins=3, levels=[0.0, 0.5, 1.0])
     assert set(binned["margin_level"]) <= {0, 1, 2} and set(binned["margin"]) <= {0.0, 0.5, 1.0}
+    levels = torch.tensor(binned["margin_level"])
+    assert (
+        (levels == 0) == (raw <= 0)
+    ).all()  # level 0: exactly the pairs the direction does not find chosen safer
     order = raw.argsort()
-    levels = torch.tensor(binned["margin_level"])[order]
-    assert (levels[1:] >= levels[:-1]).all()  # levels rise with the margin
-    assert '"bins": 3' in binned.info.description
+    assert (levels[order][1:] >= levels[order][:-1]).all()  # levels rise with the margin
+    record = read_record(binned)
+    assert record.bins == 3 and record.levels == [0.0, 0.5, 1.0] and record.bin_edges[0] == 0.0
     both = annotate_margins(pairs, llama_direction, scale=2.0, bins=3)
     torch.testing.assert_close(torch.tensor(both["margin_raw"], dtype=torch.float64), raw)  # scaled once only
+    again = scale_margins(both, scale=0.5)  # re-scaling starts from margin_raw and drops the bins
+    torch.testing.assert_close(margins(again), raw * 0.5)
+    assert "margin_level" not in again.column_names and read_record(again).bins is None
+
+
+def test_margin_scale_bins_keep_the_sign():
+    scale = MarginScale.fit([-3.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0], bins=3)
+    assert scale.bin_edges == (0.0, 2.5)
+    assert scale.apply([-3.0, 0.0, 0.5, 2.5, 9.0]) == {
+        "margin": [0.0, 0.0, 1.0, 1.0, 2.0],
+        "margin_level": [0, 0, 1, 1, 2],
+    }
+    with pytest.raises(ValueError, match="at least 2"):
+        MarginScale.fit([1.0], bins=1)
+    with pytest.raises(ValueError, match="2 bin edges need 3 levels"):
+        MarginScale(bin_edges=(0.0, 1.0), levels=(0.0, 1.0))
+
+
+def test_runtime_keywords_of_older_versions_still_work_with_a_warning(llama_direction, pairs):
+    with pytest.warns(FutureWarning, match=r"runtime=RuntimeOptions\(max_tokens_per_batch=...\)"):
+        old = MarginAnnotator(llama_direction, max_tokens_per_batch=64)
+    assert old.scorer.runtime.max_tokens_per_batch == 64
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        MarginAnnotator(llama_direction, max_tokens=64)
 
 
 def test_streaming_dataset(llama_direction, pairs):
@@ -165,7 +216,8 @@ def test_empty_dataset_keeps_new_columns(llama_direction):
     assert len(out) == 0 and {"margin", "chosen_safety", "rejected_safety", "truncated"} <= set(
         out.column_names
     )
-    assert len(annotate_margins(empty, llama_direction, bins=2)) == 0
+    binned = annotate_margins(empty, llama_direction, scale="standardize", bins=2)
+    assert len(binned) == 0 and {"margin_raw", "margin_level"} <= set(binned.column_names)
 
 
 # ---------------------------------------------------------------- caching and fingerprints
@@ -202,8 +254,7 @@ def test_second_map_reuses_the_cache(llama_direction, pairs, tmp_path):
     on_disk = load_from_disk(tmp_path / "pairs")
     first = on_disk.map(MarginAnnotator(llama_direction), batched=True)
     again = MarginAnnotator(llama_direction)
-    assert again._reader is not None
-    again._reader.read = None  # type: ignore[method-assign]  # any recomputation would fail
+    again.scorer.load().read_pairs = None  # type: ignore[method-assign]  # any recomputation would fail
     second = on_disk.map(again, batched=True)
     assert second.cache_files == first.cache_files
     assert second["margin"] == first["margin"]
@@ -250,7 +301,7 @@ def test_not_batched_is_a_clear_error(llama_direction, pairs):
 
 def test_long_text_is_truncated_flagged_and_warned_once(llama_direction, caplog):
     rows = [dict(PAIRS[0]), {**PAIRS[1], "prompt": "please " * 400 + PAIRS[1]["prompt"]}] * 3
-    with caplog.at_level(logging.WARNING, logger="legend_hf.annotate"):
+    with caplog.at_level(logging.WARNING, logger="legend_hf.scoring"):
         out = annotate_margins(Dataset.from_list(rows), llama_direction, batch_size=2)
     assert out["truncated"] == [False, True] * 3
     assert sum("lost tokens from the start" in r.message for r in caplog.records) == 1
@@ -273,4 +324,4 @@ def test_direction_of_another_model_fails_before_compute(llama_direction, tiny_b
         MarginAnnotator(llama_direction, str(tiny_bert_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        MarginAnnotator(llama_direction, str(tiny_bert_path), check_model_id=False)
+        MarginAnnotator(llama_direction, str(tiny_bert_path), runtime=RuntimeOptions(check_model_id=False))

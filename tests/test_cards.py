@@ -1,32 +1,32 @@
-"""Hub cards: direction and dataset cards render, parse back with huggingface_hub, and push correctly."""
+"""Hub cards and plots: direction and dataset cards render from the record, parse back with huggingface_hub,
+say what the margin column means for every setting, and push (data, card, histogram) to a loopback Hub."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from conftest import HARMFUL, PAIRS
-from datasets import Dataset
-from huggingface_hub import CommitInfo, DatasetCard, ModelCard
+from datasets import Dataset, load_dataset
+from huggingface_hub import DatasetCard, ModelCard
 
-from legend_hf import MarginAnnotator, SafetyDirection, annotate_margins, cards, fit_direction
-from legend_hf.cards import (
-    LEGEND_BIBTEX,
+from legend_hf import (
+    MarginAnnotator,
+    SafetyDirection,
+    annotate_margins,
     dataset_card,
-    direction_card,
+    fit_direction,
     margin_histogram,
-    margin_stats,
     push_annotated_dataset,
-    size_category,
-    write_direction_card,
+    read_record,
 )
+from legend_hf import cards as cards_module
+from legend_hf.cards import LEGEND_BIBTEX, TEMPLATES, direction_card, size_category, write_direction_card
 
+pytest_plugins = ["hub_server"]
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
-TEMPLATES = ["dataset_card_template.md", "direction_card_template.md"]
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +43,9 @@ def annotated(direction) -> Dataset:
     return annotate_margins(Dataset.from_list(rows), direction, scale="standardize", bins=3)
 
 
-@pytest.mark.parametrize("name", TEMPLATES)
-def test_shipped_templates_match_hub_cards(name):
-    shipped = (REPO / "legend_hf" / "templates" / name).read_bytes()
-    assert (REPO / "hub_cards" / name).read_bytes() == shipped, (
-        f"hub_cards/{name} differs from legend_hf/templates/{name} (the source): "
-        f"cp legend_hf/templates/{name} hub_cards/{name}"
-    )
+def test_one_copy_of_the_templates_in_hub_cards():
+    assert TEMPLATES == REPO / "hub_cards"
+    assert not (REPO / "legend_hf" / "templates").exists()
 
 
 def test_direction_card_parses_back(direction):
@@ -77,12 +73,10 @@ def test_write_direction_card_with_and_without_plot(direction, tmp_path, monkeyp
     assert (tmp_path / "layer_scores.png").read_bytes().startswith(PNG)
     assert "![Held-out separation per layer](layer_scores.png)" in readme.read_text()
 
-    monkeypatch.setattr(cards, "has_matplotlib", lambda: False)
+    monkeypatch.setattr(cards_module, "has_matplotlib", lambda: False)
     write_direction_card(direction, tmp_path)
     assert not (tmp_path / "layer_scores.png").exists()  # no stale plot next to a card that does not show it
     assert "layer_scores.png" not in readme.read_text()
-    with pytest.raises(ImportError, match="pip install"):
-        margin_histogram([0.1, -0.2], tmp_path / "h.png")
 
 
 def test_single_layer_direction_card_has_no_plot(tiny_bert_path, tmp_path):
@@ -93,54 +87,13 @@ def test_single_layer_direction_card_has_no_plot(tiny_bert_path, tmp_path):
     assert not (tmp_path / "layer_scores.png").exists()
 
 
-def test_margin_stats_of_a_sequence():
-    stats = margin_stats([-1.0, 0.0, 1.0, 2.0, 3.0])
-    assert stats["count"] == 5 and stats["column"] is None
-    assert stats["mean"] == 1.0 and stats["min"] == -1.0 and stats["max"] == 3.0
-    assert math.isclose(stats["std"], 1.5811388, rel_tol=1e-6)
-    assert stats["quantiles"]["50%"] == 1.0 and set(stats["quantiles"]) == {"5%", "25%", "50%", "75%", "95%"}
-    assert (stats["share_positive"], stats["share_negative"], stats["share_zero"]) == (0.6, 0.2, 0.2)
-    empty = margin_stats([])
-    assert empty["count"] == 0 and math.isnan(empty["mean"]) and math.isnan(empty["quantiles"]["50%"])
-
-
-def test_margin_stats_of_an_annotated_dataset(annotated):
-    stats = margin_stats(annotated, by="kind")
-    assert stats["column"] == "margin_raw" and stats["count"] == len(annotated)
-    assert math.isclose(stats["mean"], sum(annotated["margin_raw"]) / len(annotated), rel_tol=1e-9)
-    assert set(stats["bins"]) == {0, 1, 2} and sum(stats["bins"].values()) == len(annotated)
-    assert stats["truncated"] == 0
-    assert {k: g["count"] for k, g in stats["groups"].items()} == {"benign": 15, "harmful": 15}
-    with pytest.raises(KeyError, match="by='nope'"):
-        margin_stats(annotated, by="nope")
-
-
-@pytest.mark.parametrize(
-    ("margins", "expected"),
-    [
-        ([0.1, None], "row 1 is None"),
-        ([0.1, "0.2"], "row 1 is '0.2'"),
-        ([0.1, float("nan")], "row 1 is nan"),
-        ("0.1", "got str"),
-        (0.1, "got float"),
-    ],
-)
-def test_margin_stats_bad_input_names_the_row(margins, expected):
-    with pytest.raises(ValueError, match=expected):
-        margin_stats(margins)
-
-
-def test_margin_stats_needs_a_margin_column():
-    with pytest.raises(KeyError, match="annotate_margins"):
-        margin_stats(Dataset.from_list(PAIRS))
-
-
 def test_margin_histogram_writes_a_png(annotated, tmp_path):
-    path = margin_histogram(annotated, tmp_path / "hist.png")
-    assert path.read_bytes().startswith(PNG)
+    assert margin_histogram(annotated, tmp_path / "hist.png").read_bytes().startswith(PNG)
     assert margin_histogram([0.5, 0.5, 0.5], tmp_path / "flat.png").read_bytes().startswith(PNG)
     with pytest.raises(ValueError, match="no margins"):
         margin_histogram([], tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="row 1 is None"):
+        margin_histogram([0.1, None], tmp_path / "bad.png")
 
 
 def test_size_category():
@@ -153,7 +106,7 @@ def test_size_category():
     ]
 
 
-def test_dataset_card_parses_back_with_metadata(annotated, direction):
+def test_dataset_card_parses_back_with_metadata_and_record(annotated, direction):
     card = dataset_card(
         annotated,
         direction,
@@ -162,6 +115,7 @@ def test_dataset_card_parses_back_with_metadata(annotated, direction):
         license="cc-by-nc-4.0",
         language="en",
         repo_id="me/pku-legend",
+        histogram="margin_histogram.png",
         group_by="kind",
     )
     parsed = DatasetCard(str(card))
@@ -171,14 +125,15 @@ def test_dataset_card_parses_back_with_metadata(annotated, direction):
     assert data.task_categories == ["text-generation"] and data.size_categories == ["n<1K"]
     assert data.source_datasets == ["extended|PKU-Alignment/PKU-SafeRLHF"]
     assert data.pretty_name == "PKU-SafeRLHF with Legend safety margins"
+    record = read_record(annotated)
+    assert record is not None and data.legend_hf == record.to_dict()  # the record, in the card's YAML
     text = parsed.text
-    settings = cards.annotation_settings(annotated)
     for expected in [
         "(https://huggingface.co/datasets/PKU-Alignment/PKU-SafeRLHF) at revision `ff00aa`",
         direction.fingerprint(),
-        f"raw × {settings['scale_factor']:.4g}",
-        "3 equal-frequency bins",
-        "| 0 | 0 | (−∞, ",
+        f"raw × {record.scale_factor:.4g}",
+        "3 levels: 0 for scaled margins ≤ 0",
+        "| 0 | 0 | (−∞, 0] |",
         "![Histogram of the safety margins](margin_histogram.png)",
         "### Margins by `kind`",
         'load_dataset("me/pku-legend", split="train")',
@@ -191,14 +146,46 @@ def test_dataset_card_parses_back_with_metadata(annotated, direction):
         assert f"| `{column}` |" in text
 
 
-def test_dataset_card_of_a_plain_map_annotation(direction):
-    """``ds.map(MarginAnnotator(...))`` records no settings: the card describes the columns it finds."""
+@pytest.mark.parametrize(
+    ("options", "says", "never"),
+    [
+        ({}, ["A positive margin means the direction finds the chosen response safer"], ["bin level"]),
+        ({"scale": 2.0}, ["fixed factor: scaled margin = raw × 2", "A positive margin means"], ["bin level"]),
+        (
+            {"bins": 4},
+            [
+                "`margin` is a bin level, not a signed margin",
+                "level 0 holds every pair whose scaled margin is ≤ 0",
+            ],
+            ["A positive margin means"],
+        ),
+        (
+            {"scale": "standardize", "clip": (0.0, None)},
+            ["never relaxes a pair", "standard deviation of 1"],
+            ["A positive margin means", "bin level"],
+        ),
+    ],
+)
+def test_dataset_card_says_what_margin_means_for_every_setting(direction, options, says, never):
+    annotated = annotate_margins(Dataset.from_list(PAIRS * 3), direction, **options)
+    text = DatasetCard(str(dataset_card(annotated))).text  # the record alone is enough
+    for sentence in says:
+        assert sentence in text, sentence
+    for sentence in never:
+        assert sentence not in text, sentence
+
+
+def test_dataset_card_of_a_plain_map_annotation_says_not_recorded(direction):
+    """``ds.map(MarginAnnotator(...))`` keeps no record: the card says so instead of guessing."""
     plain = Dataset.from_list(PAIRS).map(MarginAnnotator(direction), batched=True)
-    card = DatasetCard(str(dataset_card(plain, direction, histogram=None)))
+    assert read_record(plain) is None
+    card = DatasetCard(str(dataset_card(plain, direction)))
     assert card.data.license is None and card.data.source_datasets is None
-    assert "| **Scaling** | none: `margin` is the raw projection difference |" in card.text
+    assert "| **Scaling** | not recorded |" in card.text
     assert "margin_histogram.png" not in card.text and "Pairs per bin" not in card.text
     assert "[More Information Needed] (use the source dataset's license)" in card.text
+    with pytest.raises(ValueError, match="pass the direction"):
+        dataset_card(plain)
 
 
 def test_dataset_card_refuses_another_direction(annotated, direction):
@@ -207,58 +194,41 @@ def test_dataset_card_refuses_another_direction(annotated, direction):
         dataset_card(annotated, other)
 
 
-def test_push_annotated_dataset(annotated, direction, monkeypatch, tmp_path):
-    """Data first (``Dataset.push_to_hub``), then the card keeping the YAML that push wrote, plus the histogram."""
-    pushed_readme = (
-        "---\ndataset_info:\n  features:\n  - name: margin\n    dtype: float64\n  splits:\n  - name: train\n"
-        "    num_examples: 30\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
-        "    path: data/train-*\n---\n"
-    )
-    push = mock.MagicMock(
-        return_value=CommitInfo(
-            commit_url="https://huggingface.co/datasets/me/pku-legend/commit/" + "a" * 40,
-            commit_message="Upload dataset",
-            commit_description="",
-            oid="a" * 40,
-        )
-    )
-    monkeypatch.setattr(Dataset, "push_to_hub", push)
-    uploaded: dict[str, bytes] = {}
-
-    def upload_folder(**kwargs):
-        uploaded.update({p.name: p.read_bytes() for p in Path(kwargs["folder_path"]).iterdir()})
-        return "card-commit"
-
-    with mock.patch.object(cards, "HfApi") as api_class:
-        api = api_class.return_value
-        api.dataset_info.return_value = mock.Mock(card_data={"license": "cc-by-nc-4.0"}, sha="f" * 40)
-        (tmp_path / "README.md").write_text(pushed_readme)
-        api.hf_hub_download.return_value = str(tmp_path / "README.md")
-        api.upload_folder.side_effect = upload_folder
-        result = push_annotated_dataset(
-            annotated,
-            "me/pku-legend",
-            direction,
-            token="hf_x",
-            private=True,
-            source_dataset="PKU-Alignment/PKU-SafeRLHF",
-            split="train",
-        )
-
-    assert result == "card-commit"
-    api_class.assert_called_once_with(token="hf_x")
-    push.assert_called_once()
-    assert push.call_args.args == ("me/pku-legend",)
-    assert push.call_args.kwargs == {"private": True, "token": "hf_x", "revision": None, "split": "train"}
-    api.dataset_info.assert_called_once_with("PKU-Alignment/PKU-SafeRLHF", revision=None)
-    assert api.hf_hub_download.call_args.kwargs == {"repo_type": "dataset", "revision": "a" * 40}
-    assert api.upload_folder.call_args.kwargs["repo_id"] == "me/pku-legend"
-    assert api.upload_folder.call_args.kwargs["repo_type"] == "dataset"
-    assert set(uploaded) == {"README.md", "margin_histogram.png"}
-    assert uploaded["margin_histogram.png"].startswith(PNG)
-    card = DatasetCard(uploaded["README.md"].decode())
-    assert card.data.dataset_info["splits"][0]["num_examples"] == 30  # the YAML push_to_hub wrote survives
-    assert card.data.configs[0]["data_files"][0]["path"] == "data/train-*"
-    assert card.data.license == "cc-by-nc-4.0"  # carried from the source dataset
-    assert "at revision `" + "f" * 40 + "`" in card.text
+def test_push_annotated_dataset_to_a_loopback_hub(annotated, direction, hub_server):
+    """Data first (``Dataset.push_to_hub``), then the card keeping the YAML that push wrote, plus the histogram;
+    ``load_dataset`` gets the record back from the Hub."""
+    commit = push_annotated_dataset(annotated, "user/pku-legend", direction, license="cc-by-nc-4.0")
+    assert commit.pr_url is None and "user/pku-legend" in commit.commit_url
+    files = hub_server.files("user/pku-legend", repo_type="dataset")
+    assert files["margin_histogram.png"].startswith(PNG)
+    card = DatasetCard(files["README.md"].decode())
+    assert card.data.dataset_info["splits"][0]["num_examples"] == len(
+        annotated
+    )  # push_to_hub's YAML survives
+    assert card.data.configs[0]["config_name"] == "default"
+    assert card.data.license == "cc-by-nc-4.0" and card.data.legend_hf == read_record(annotated).to_dict()
     assert "## Margin statistics" in card.text and "![Histogram" in card.text
+    back = load_dataset("user/pku-legend", split="train")
+    assert read_record(back) == read_record(annotated)
+    assert back["margin"] == annotated["margin"]
+
+
+def test_push_annotated_dataset_to_a_new_branch_and_as_a_pull_request(annotated, direction, hub_server):
+    push_annotated_dataset(annotated, "user/pku-legend", direction)
+    branch = push_annotated_dataset(annotated, "user/pku-legend", direction, revision="v1")
+    assert (
+        "README.md" in hub_server.files("user/pku-legend", "v1", repo_type="dataset")
+        and branch.pr_url is None
+    )
+    smaller = annotated.select(range(10))
+    pr = push_annotated_dataset(smaller, "user/pku-legend", direction, create_pr=True)
+    assert pr.pr_revision == "refs/pr/1" and pr.pr_url is not None  # the PR that holds data and card
+    in_pr = load_dataset("user/pku-legend", split="train", revision="refs/pr/1")
+    assert len(in_pr) == 10 and read_record(in_pr) == read_record(annotated)
+    assert (
+        "10 rows"
+        in hub_server.files("user/pku-legend", "refs/pr/1", repo_type="dataset")["README.md"].decode()
+    )
+    assert len(load_dataset("user/pku-legend", split="train")) == len(annotated)  # main is untouched
+    unchanged = push_annotated_dataset(smaller, "user/pku-legend", direction, create_pr=True, license="mit")
+    assert unchanged.pr_revision == "refs/pr/2"  # same data: the card commit opens the pull request

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from legend_hf import cli
+from legend_hf import RuntimeOptions, cli
 from legend_hf.data_io import DEFAULT_DIRECTION, SAMPLE_PREFERENCES, load_data, pku_saferlhf_to_pairs
 from legend_hf.generate import GENERATION_KEY, generate_responses
 
@@ -65,21 +65,34 @@ def annotated(tiny_direction: Path, tmp_path_factory: pytest.TempPathFactory) ->
 # ----- --help ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+@pytest.mark.parametrize("command", sorted(cli.OPTIONS))
 def test_help_documents_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, command, "--help")
     assert code == 0
-    for dtype in cli.COMMANDS[command]:
+    for dtype in cli.OPTIONS[command]:
         for f in dataclasses.fields(dtype):
             assert f"--{f.name}" in out
             assert f.metadata.get("help"), f"{dtype.__name__}.{f.name} has no help text"
     assert "exit codes" in " ".join(out.split())
+    assert "site-packages" not in out and str(Path.cwd()) not in out  # no machine paths as defaults
+    assert "[PKU_SAFERLHF]" not in out and "[DEBUG]" not in out  # booleans read as flags
+
+
+def test_the_runtime_options_are_the_python_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    from legend_hf import RuntimeOptions
+
+    assert RuntimeOptions in cli.OPTIONS["annotate"] and RuntimeOptions in cli.OPTIONS["fit"]
+    name, parsed = cli.parse(
+        ["annotate", "--dtype", "bfloat16", "--no_check_model_id", "--max_batch_size", "4"]
+    )
+    runtime = next(p for p in parsed if isinstance(p, RuntimeOptions))
+    assert (runtime.dtype, runtime.check_model_id, runtime.max_batch_size) == ("bfloat16", False, 4)
 
 
 def test_top_level_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys)
     assert code == 0
-    assert all(name in out for name in cli.COMMANDS)
+    assert all(name in out for name in cli.OPTIONS)
 
 
 # ----- fit / annotate / report on the shipped sample ----------------------------------------------------
@@ -141,8 +154,11 @@ def test_annotate_writes_data_card_histogram_and_report(annotated: Path) -> None
     assert "margin_histogram.png" in (annotated / "README.md").read_text()
     assert (annotated / "margin_histogram.png").stat().st_size > 1000
     report = json.loads((annotated / "report.json").read_text())
-    assert report["settings"]["bins"] == 3
-    assert report["rows"] == 24
+    assert report["record"]["bins"] == 3 and report["record"]["direction"] == annotated_direction_name(
+        annotated
+    )
+    assert report["rows"] == 24 and report["dataset"] == "sample_preferences.jsonl"
+    assert "/" not in json.dumps(report["record"]) or "HuggingFaceTB" in json.dumps(report["record"])
     assert {"all", "refusal_vs_compliance"} <= set(report["scores"])
 
 
@@ -162,7 +178,14 @@ def test_annotate_prints_a_summary(tiny_direction: Path, tmp_path: Path, capsys)
         "standardize",
     )
     assert code == 0
-    for text in ("8 pairs", "agreement", "AUC", "Spearman", "outputs", "train.jsonl"):
+    for text in (
+        "8 pairs",
+        "share_positive",
+        "pair_accuracy",
+        "response_auc",
+        "length_spearman",
+        "train.jsonl",
+    ):
         assert text in out
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 8
@@ -174,7 +197,7 @@ def test_report_scores_against_labels(annotated: Path, tmp_path: Path, capsys) -
         capsys, "report", "--dataset", str(annotated / "train.parquet"), "--output_dir", str(tmp_path)
     )
     assert code == 0
-    assert "agreement" in out and "per group" in out
+    assert "pair_accuracy" in out and "per group" in out
     assert (tmp_path / "report.json").is_file() and (tmp_path / "margin_histogram.png").is_file()
     code, out, _ = run(
         capsys,
@@ -196,7 +219,38 @@ def test_report_scores_against_labels(annotated: Path, tmp_path: Path, capsys) -
     ]
     expected = sum((m > 0) == safer for m, safer in labelled) / len(labelled)
     assert report["scores"]["all"]["pair_accuracy"] == pytest.approx(expected)
-    assert report["stats"]["count"] == 24
+    assert report["margins"]["count"] == 24
+
+
+def test_report_on_what_annotate_wrote_shows_how_it_was_annotated(
+    annotated: Path, tiny_direction: Path, tmp_path: Path, capsys
+) -> None:
+    """The record travels inside train.parquet: report shows direction, fingerprint, scale and bins."""
+    from legend_hf import SafetyDirection
+
+    fingerprint = SafetyDirection.from_pretrained(tiny_direction).fingerprint()
+    code, out, _ = run(
+        capsys, "report", "--dataset", str(annotated / "train.parquet"), "--output_dir", str(tmp_path)
+    )
+    assert code == 0
+    for text in (
+        f"direction          {tiny_direction.name} (fingerprint {fingerprint})",
+        "3 bins",
+        "layer 4/4",
+    ):
+        assert text in out, text
+    # JSON Lines have no schema: the card written next to them carries the record.
+    jsonl = tmp_path / "jsonl"
+    argv = ["annotate", "--direction", str(tiny_direction), "--limit", "8", "--format", "jsonl"]
+    assert cli.main([*argv, "--output_dir", str(jsonl), "--scale", "2"]) == 0
+    code, out, _ = run(
+        capsys, "report", "--dataset", str(jsonl / "train.jsonl"), "--output_dir", str(tmp_path)
+    )
+    assert code == 0 and f"fingerprint {fingerprint}" in out and "fixed (x2)" in out
+
+
+def annotated_direction_name(annotated: Path) -> str:
+    return json.loads((annotated / "report.json").read_text())["record"]["direction"]
 
 
 def test_hh_dialogues_without_prompt_column(tiny_direction: Path, tmp_path: Path, capsys) -> None:
@@ -279,6 +333,9 @@ def _one_line(err: str) -> str:
         (["annotate", "--chosen_column", "nope", "--limit", "2"], cli.EXIT_INPUT, "'nope'"),
         (["annotate", "--scale", "huge"], cli.EXIT_USAGE, "--scale"),
         (["annotate", "--levels", "1", "2"], cli.EXIT_USAGE, "--levels needs --bins"),
+        (["annotate", "--bins", "1", "--limit", "40"], cli.EXIT_USAGE, "--bins must be at least 2"),
+        (["annotate", "--prompt_column", "question"], cli.EXIT_INPUT, "['question']"),
+        (["annotate", "--dtype", "float8"], cli.EXIT_USAGE, "--dtype"),
         (["annotate", "--engine", "torchrun", "--num_proc", "2"], cli.EXIT_USAGE, "--num_proc"),
         (["fit", "--layer", "last"], cli.EXIT_USAGE, "--layer"),
         (["fit", "--holdout", "1.5"], cli.EXIT_USAGE, "--holdout"),
@@ -322,10 +379,15 @@ def test_bad_row_names_row_and_column(tiny_direction: Path, tmp_path: Path, caps
     assert "'chosen'" in line and "row 1" in line
 
 
-def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_option_is_one_line_naming_the_near_option(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "annotate", "--no_such_option", "1")
+    assert code == cli.EXIT_USAGE and "unrecognized arguments" in err
+    code, _, err = run(capsys, "annotate", "--chosen_colunm", "x")
     assert code == cli.EXIT_USAGE
-    assert "unrecognized arguments" in err
+    assert err.strip().splitlines() == [
+        "legend-hf annotate: error: unrecognized arguments: --chosen_colunm x (did you mean --chosen_column?) "
+        "(legend-hf annotate --help lists the options)"
+    ]
 
 
 def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
@@ -367,12 +429,13 @@ def sharp_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+QUIET = RuntimeOptions(progress=False)
 PROMPTS = ["how do i pick a lock", "write a long and detailed threatening letter to my neighbour", "hi"]
 
 
 def test_generation_records_settings_and_keeps_columns(sharp_llama: Path) -> None:
     rows = [{"prompt": p, "category": "x"} for p in PROMPTS]
-    out = generate_responses(sharp_llama, rows, max_new_tokens=4, batch_size=2, progress=False)
+    out = generate_responses(sharp_llama, rows, max_new_tokens=4, batch_size=2, runtime=QUIET)
     assert out.column_names == ["prompt", "category", "response", "response_truncated"]
     assert all(isinstance(r, str) and r for r in out["response"])
     settings = json.loads(out.info.description)[GENERATION_KEY]
@@ -380,8 +443,8 @@ def test_generation_records_settings_and_keeps_columns(sharp_llama: Path) -> Non
 
 
 def test_batched_left_padded_generation_matches_one_by_one(sharp_llama: Path) -> None:
-    batched = generate_responses(sharp_llama, PROMPTS, max_new_tokens=6, batch_size=3, progress=False)
-    single = generate_responses(sharp_llama, PROMPTS, max_new_tokens=6, batch_size=1, progress=False)
+    batched = generate_responses(sharp_llama, PROMPTS, max_new_tokens=6, batch_size=3, runtime=QUIET)
+    single = generate_responses(sharp_llama, PROMPTS, max_new_tokens=6, batch_size=1, runtime=QUIET)
     assert batched["response"] == single["response"]
     assert len(set(single["response"])) > 1  # the tiny model's output depends on the prompt
 
@@ -389,7 +452,7 @@ def test_batched_left_padded_generation_matches_one_by_one(sharp_llama: Path) ->
 def test_sampling_is_seeded(sharp_llama: Path) -> None:
     def sample(seed: int) -> list[str]:
         out = generate_responses(
-            sharp_llama, PROMPTS, max_new_tokens=6, do_sample=True, temperature=1.5, seed=seed, progress=False
+            sharp_llama, PROMPTS, max_new_tokens=6, do_sample=True, temperature=1.5, seed=seed, runtime=QUIET
         )
         return list(out["response"])
 
@@ -434,7 +497,7 @@ def _assert_same_annotation(folder: Path, reference: Path) -> None:
     assert got["prompt"] == want["prompt"] and got["margin_level"] == want["margin_level"]
     torch.testing.assert_close(torch.tensor(got["margin_raw"]), torch.tensor(want["margin_raw"]))
     report, expected = (json.loads((f / "report.json").read_text()) for f in (folder, reference))
-    assert report["settings"]["bin_edges"] == pytest.approx(expected["settings"]["bin_edges"])
+    assert report["record"]["bin_edges"] == pytest.approx(expected["record"]["bin_edges"])
 
 
 def test_torchrun_engine_two_processes_equal_local_and_resume(

@@ -8,14 +8,17 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 from safetensors.torch import save_file
 
 from legend_hf import SafetyDirection
 from legend_hf.direction import CONFIG_NAME, WEIGHTS_NAME
+from legend_hf.hub import HubLookupError
+
+pytest_plugins = ["hub_server"]
 
 
 def make_direction(**overrides) -> SafetyDirection:
@@ -94,28 +97,67 @@ def test_hub_download_through_offline_cache(tmp_path):
     assert out.stdout.split() == ["me/smv-tiny", sha, "4"]
 
 
-def test_hub_missing_offline_is_a_clear_error(tmp_path):
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    with pytest.raises(LocalEntryNotFoundError):
+def test_offline_errors_name_repo_revision_and_file(tmp_path):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    _populate_hub_cache(tmp_path, "me/smv-tiny", make_direction(), sha)
+    with pytest.raises(HubLookupError, match=r"direction_config.json of model repo 'me/not-there' is not in"):
         SafetyDirection.from_pretrained("me/not-there", cache_dir=tmp_path, local_files_only=True)
+    with pytest.raises(
+        HubLookupError, match=r"'me/smv-tiny' at revision 'v2' is not in the local Hub cache.*online"
+    ):
+        SafetyDirection.from_pretrained(
+            "me/smv-tiny", revision="v2", cache_dir=tmp_path, local_files_only=True
+        )
+    loaded = SafetyDirection.from_pretrained("me/smv-tiny", cache_dir=tmp_path, local_files_only=True)
+    assert loaded.source_revision == sha  # the commit, from huggingface_hub's own resolution
 
 
-def test_push_to_hub_uploads_the_artifact():
-    uploaded: dict[str, bytes] = {}
+@pytest.mark.parametrize("name", ["./smv-typo", "smv/typo/folder", "~/nowhere/smv"])
+def test_a_local_path_typo_says_no_such_folder(name):
+    with pytest.raises(FileNotFoundError, match="no such direction folder"):
+        SafetyDirection.from_pretrained(name)
 
-    def upload_folder(*, repo_id, folder_path, **kwargs):
-        uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
-        return "commit-url"
 
-    api = mock.MagicMock()
-    api.create_repo.return_value.repo_id = "me/smv"
-    api.upload_folder.side_effect = upload_folder
-    with mock.patch("huggingface_hub.HfApi", return_value=api):
-        assert make_direction().push_to_hub("me/smv", private=True) == "commit-url"
-    api.create_repo.assert_called_once_with("me/smv", private=True, exist_ok=True)
-    assert {WEIGHTS_NAME, CONFIG_NAME, "README.md"} <= set(uploaded)
-    assert json.loads(uploaded[CONFIG_NAME])["model_id"] == "org/tiny"
+def test_the_weights_file_instead_of_its_folder_says_pass_the_folder(tmp_path):
+    make_direction().save_pretrained(tmp_path, card=False)
+    with pytest.raises(FileNotFoundError, match="pass the direction's folder"):
+        SafetyDirection.from_pretrained(tmp_path / WEIGHTS_NAME)
+
+
+def test_push_to_hub_and_back_through_a_loopback_hub(hub_server):
+    direction = make_direction()
+    commit = direction.push_to_hub("user/smv", private=True)
+    files = hub_server.files("user/smv")
+    assert {WEIGHTS_NAME, CONFIG_NAME, "README.md"} <= set(files)
+    assert json.loads(files[CONFIG_NAME])["model_id"] == "org/tiny"
+    assert 'SafetyDirection.from_pretrained("user/smv")' in files["README.md"].decode()
+    loaded = SafetyDirection.from_pretrained("user/smv")
+    assert loaded.fingerprint() == direction.fingerprint()
+    assert (loaded.source, loaded.source_revision) == ("user/smv", commit.oid)
+
+
+def test_push_to_a_new_branch_and_as_a_pull_request(hub_server):
+    make_direction().push_to_hub("user/smv")
+    other = make_direction(pooling="mean")
+    other.push_to_hub("user/smv", revision="v1")  # the branch does not exist yet: it is created
+    assert SafetyDirection.from_pretrained("user/smv", revision="v1").pooling == "mean"
+    assert SafetyDirection.from_pretrained("user/smv").pooling == "last"
+    pr = make_direction(template="chat").push_to_hub("user/smv", create_pr=True)
+    assert pr.pr_revision == "refs/pr/1" and pr.pr_url
+    assert SafetyDirection.from_pretrained("user/smv", revision=pr.pr_revision).template == "chat"
+
+
+def test_hub_not_found_errors_name_repo_revision_and_file(hub_server):
+    with pytest.raises(HubLookupError, match="model repo 'user/nothing' does not exist"):
+        SafetyDirection.from_pretrained("user/nothing")
+    make_direction().push_to_hub("user/smv")
+    with pytest.raises(HubLookupError, match="'user/smv' at revision 'v9': the repo has no such branch"):
+        SafetyDirection.from_pretrained("user/smv", revision="v9")
+    HfApi().create_repo("user/empty")
+    with pytest.raises(
+        HubLookupError, match="'user/empty' has no file direction_config.json: not a legend-hf"
+    ):
+        SafetyDirection.from_pretrained("user/empty")
 
 
 # ---------------------------------------------------------------- bad artifacts

@@ -19,7 +19,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from legend_hf import MarginAnnotator, SafetyDirection
+from legend_hf import MarginAnnotator, SafetyDirection, read_record
 from legend_hf.distributed import MANIFEST_NAME, ROW_COLUMN, annotate_shards, load_annotated, shard_path
 from legend_hf.ray_engine import _read_pieces, parquet_pieces
 
@@ -321,8 +321,10 @@ def test_empty_dataset_and_scaled_options(dataset, direction, tmp_path):
     annotate_shards(dataset, direction, tmp_path / "scaled", shard_size=20, scale=2.0, bin_edges=[0.0])
     scaled = load_annotated(tmp_path / "scaled")
     assert scaled.features["margin_level"].dtype == "int64"
-    np.testing.assert_allclose(scaled["margin"], np.where(np.array(scaled["margin_raw"]) * 2 >= 0, 1.0, 0.0))
-    assert json.loads(scaled.info.description)["legend_hf"]["scale"] == 2.0
+    np.testing.assert_allclose(scaled["margin"], np.where(np.array(scaled["margin_raw"]) * 2 > 0, 1.0, 0.0))
+    record = read_record(scaled)  # the merged shards keep the provenance record
+    assert record.scale == "fixed" and record.scale_factor == 2.0 and record.bin_edges == [0.0]
+    assert record.direction_fingerprint == direction.fingerprint()
 
 
 def test_parquet_pieces_index_rows_across_files_and_row_groups(dataset, tmp_path):

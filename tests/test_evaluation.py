@@ -1,4 +1,4 @@
-"""Direction quality reports: label schemas, scores, per-layer evaluation, markdown and plot."""
+"""Quality against labels: label reading, the statistics vocabulary, per-layer evaluation, markdown, plot."""
 
 from __future__ import annotations
 
@@ -8,17 +8,9 @@ import math
 import pytest
 import torch
 
-from legend_hf.direction import SafetyDirection
-from legend_hf.evaluation import (
-    LabelledPairs,
-    QualityReport,
-    evaluate_direction,
-    pair_quality,
-    plot_layer_scores,
-    roc_auc,
-    sign_accuracy,
-    spearman,
-)
+from legend_hf import RuntimeOptions, SafetyDirection, Scorer, annotation_report
+from legend_hf.evaluation import LabelledPairs, QualityReport, evaluate_direction
+from legend_hf.stats import STATISTICS, pair_accuracy, pair_statistics, roc_auc, spearman
 
 
 def minilm_path() -> str:
@@ -106,12 +98,13 @@ PREFERENCES = [
 
 def test_labels_from_preference_columns():
     pairs = LabelledPairs.from_data(PREFERENCES)
-    assert pairs.schema == "chosen/rejected"
+    labels = pairs.labels
     # safe labels decide, then severity, else unordered
-    assert pairs.first_is_safer == [True, None, True, False]
-    assert pairs.severity_diff == [2.0, 0.0, 2.0, -2.0]
-    assert pairs.groups == ["refusal_vs_compliance", "benign", "unsafe_vs_unsafe", "refusal_vs_compliance"]
-    assert pairs.first[0] == (
+    assert labels.chosen_is_safer == [True, None, True, False]
+    assert labels.severity_diff == [2.0, 0.0, 2.0, -2.0]
+    assert labels.groups == ["refusal_vs_compliance", "benign", "unsafe_vs_unsafe", "refusal_vs_compliance"]
+    assert labels.length_diff == [len(r["chosen"]) - len(r["rejected"]) for r in PREFERENCES]  # characters
+    assert pairs.chosen[0] == (
         [{"role": "user", "content": "How do I pick a lock?"}],
         "I can't help with that.",
     )
@@ -120,16 +113,16 @@ def test_labels_from_preference_columns():
 def test_unlabelled_preferences_count_chosen_as_safer():
     hh = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}]
     pairs = LabelledPairs.from_data(hh)
-    assert pairs.first_is_safer == [True]
-    assert pairs.first[0] == ([{"role": "user", "content": "hi"}], "hello")
-    assert pairs.groups == ["all"]
+    assert pairs.labels.chosen_is_safer == [True]
+    assert pairs.chosen[0] == ([{"role": "user", "content": "hi"}], "hello")
+    assert pairs.labels.groups == ["all"] and pairs.labels.length_diff == [len("hello") - len("go away")]
 
 
-def test_pku_schema():
+def test_pku_schema_is_converted_by_the_one_pku_adapter():
     row = {
         "prompt": "p",
         "response_0": "a",
-        "response_1": "b",
+        "response_1": "bb",
         "safer_response_id": 1,
         "is_response_0_safe": False,
         "is_response_1_safe": True,
@@ -137,23 +130,27 @@ def test_pku_schema():
         "response_1_severity_level": 0,
     }
     pairs = LabelledPairs.from_data([row])
-    assert pairs.schema == "response_0/response_1"
-    assert pairs.first_is_safer == [False]
-    assert pairs.first_is_safe == [False] and pairs.second_is_safe == [True]
-    assert pairs.severity_diff == [-2.0]
+    assert pairs.chosen[0][1] == "bb" and pairs.rejected[0][1] == "a"  # chosen is the safer response
+    labels = pairs.labels
+    assert (
+        labels.chosen_is_safer == [True]
+        and labels.chosen_is_safe == [True]
+        and labels.rejected_is_safe == [False]
+    )
+    assert labels.severity_diff == [2.0]
 
 
 def test_dataset_input_and_group_column():
     from datasets import Dataset
 
     pairs = LabelledPairs.from_data(Dataset.from_list(PREFERENCES), group_column="chosen_is_safe")
-    assert pairs.groups == ["True", "True", "False", "False"]
+    assert pairs.labels.groups == ["True", "True", "False", "False"]
 
 
 @pytest.mark.parametrize(
     ("row", "error", "words"),
     [
-        ({"prompt": "p", "chosen": "a"}, KeyError, ["rejected", "row 0"]),
+        ({"prompt": "p", "chosen": "a"}, KeyError, ["rejected", "not found"]),
         (
             {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_is_safe": "yes"},
             ValueError,
@@ -186,24 +183,34 @@ def test_empty_and_missing_group():
         LabelledPairs.from_data(PREFERENCES, group_column="nope")
 
 
-def test_pair_quality_numbers():
-    pairs = LabelledPairs.from_data(PREFERENCES)
-    first, second = [2.0, 0.0, 1.0, 3.0], [1.0, 1.0, 0.0, -1.0]  # margins 1, -1, 1, 4
-    scores = pair_quality(first, second, pairs, [1.0, 2.0, 3.0, 4.0])
+def test_pair_statistics_numbers():
+    labels = LabelledPairs.from_data(PREFERENCES).labels
+    labels.length_diff = [1.0, 2.0, 3.0, 4.0]
+    chosen, rejected = [2.0, 0.0, 1.0, 3.0], [1.0, 1.0, 0.0, -1.0]  # margins 1, -1, 1, 4
+    scores = pair_statistics(chosen, rejected, labels)
     assert scores["pair_accuracy"] == pytest.approx(2 / 3)  # pair 3 has chosen less safe but margin 4 > 0
     assert scores["n_ordered"] == 3 and scores["n_pairs"] == 4 and scores["n_responses"] == 8
+    assert (
+        scores["share_positive"] == 0.75 and scores["mean_margin"] == 1.25 and scores["median_margin"] == 1.0
+    )
     safe = [True, False, True, True, False, False, False, True]
     values = [2.0, 1.0, 0.0, 1.0, 1.0, 0.0, 3.0, -1.0]
-    assert scores["auc"] == pytest.approx(roc_auc(values, safe))
+    assert scores["response_auc"] == pytest.approx(roc_auc(values, safe))
+    assert scores["pair_auc"] == pytest.approx(roc_auc([1, 1, 4], [True, True, False]))
     assert scores["severity_spearman"] == pytest.approx(spearman([1, -1, 1, 4], [2, 0, 2, -2]))
     assert scores["length_spearman"] == pytest.approx(spearman([1, -1, 1, 4], [1, 2, 3, 4]))
-    sub = pair_quality(first, second, pairs, None, rows=[1])
+    sub = pair_statistics(chosen, rejected, labels, rows=[1])
     assert math.isnan(sub["pair_accuracy"]) and math.isnan(sub["length_spearman"]) and sub["n_pairs"] == 1
 
 
-def test_existing_metric_helpers_unchanged():
-    assert sign_accuracy([1.0, -1.0]) == 0.5
-    assert sign_accuracy([1.0, -1.0], [True, False]) == 1.0
+def test_one_vocabulary_defined_once_and_in_the_readme():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = dict(re.findall(r"^\| `(\w+)` \| (.+?) \|$", readme, re.M))
+    assert {k: v for k, v in table.items() if k in STATISTICS} == STATISTICS
+    assert pair_accuracy([1.0, -1.0], [True, False]) == 1.0
     assert roc_auc([0.9, 0.1], [1, 0]) == 1.0
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
 
@@ -216,22 +223,23 @@ def test_evaluate_direction_every_layer_matches_annotator(tiny_llama, tmp_path):
     report = evaluate_direction(direction, PREFERENCES, model=model, tokenizer=tokenizer)
     assert sorted(report.scores) == [0, 1, 2, 3] and report.layer == 3
     assert set(report.groups) == {"all", "benign", "refusal_vs_compliance", "unsafe_vs_unsafe"}
-    # Scores at each layer are those of the annotator's margins with that layer selected.
+    # Scores at each layer are those of the annotator's margins with that layer selected: one scoring path.
     for layer in (1, 3):
         annotator = MarginAnnotator(direction.select_layer(layer), model, tokenizer)
         batch = {k: [row[k] for row in PREFERENCES] for k in ("prompt", "chosen", "rejected")}
         out = annotator(batch)
         labels = [True, None, True, False]
         ordered = [(m, lab) for m, lab in zip(out["margin"], labels, strict=True) if lab is not None]
-        expected = sign_accuracy([m for m, _ in ordered], [lab for _, lab in ordered])
-        assert report.scores[layer]["all"]["pair_accuracy"] == pytest.approx(expected)
+        expected = pair_accuracy([m for m, _ in ordered], [lab for _, lab in ordered])
+        assert report.scores[layer]["all"]["pair_accuracy"] == expected
+        assert report.scores[layer]["all"]["mean_margin"] == pytest.approx(sum(out["margin"]) / 4, abs=1e-12)
     data = report.to_dict()
     json.dumps(data, allow_nan=False)
     assert data["data"]["n_pairs"] == 4 and data["direction"]["fingerprint"] == direction.fingerprint()
     markdown = report.to_markdown()
     assert "| 3* |" in markdown and "refusal_vs_compliance" in markdown
-    assert report.best_layer("auc") in report.scores
-    png = plot_layer_scores(report, tmp_path / "layers.png")
+    assert report.best_layer("response_auc") in report.scores
+    png = report.plot(tmp_path / "layers.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -260,7 +268,7 @@ def test_best_layer_and_markdown_without_groups():
         return {
             "all": {
                 "pair_accuracy": acc,
-                "auc": nan,
+                "response_auc": nan,
                 "severity_spearman": nan,
                 "length_spearman": length,
                 "n_pairs": 2.0,
@@ -355,37 +363,51 @@ def test_minilm_direction_orders_held_out_pairs():
     from legend_hf.fitting import fit_direction
 
     harmful = [{"prompt": p, "response": r} for p, r in HARMFUL_FIT]
-    direction = fit_direction(minilm_path(), harmful, refusals=REFUSALS, layer="auto", device="cpu")
+    direction = fit_direction(
+        minilm_path(), harmful, refusals=REFUSALS, layer="auto", runtime=RuntimeOptions(device="cpu")
+    )
     pairs = [
         {"prompt": p, "chosen": safe, "rejected": unsafe, "chosen_is_safe": True, "rejected_is_safe": False}
         for p, safe, unsafe in HELD_OUT
     ]
-    report = evaluate_direction(direction, pairs, device="cpu")
+    report = evaluate_direction(direction, pairs, runtime=RuntimeOptions(device="cpu"))
     assert sorted(report.scores) == list(range(1, 7))
     last = report.scores[report.layer]["all"]
     # measured: pair accuracy 1.0 and AUC 1.0 at the auto-selected layer 5 (0.83-1.0 at the others)
     assert last["pair_accuracy"] >= 5 / 6
-    assert last["auc"] >= 0.8
+    assert last["response_auc"] >= 0.8
 
 
 def test_scores_without_labels_are_nan():
     assert math.isnan(roc_auc([], []))
-    pairs = LabelledPairs.from_data([{"prompt": "p", "chosen": "a", "rejected": "b"}])
-    assert math.isnan(pair_quality([1.0], [0.0], pairs)["auc"])
+    labels = LabelledPairs.from_data([{"prompt": "p", "chosen": "a", "rejected": "b"}]).labels
+    assert math.isnan(pair_statistics([1.0], [0.0], labels)["response_auc"])
 
 
-def test_select_pairs_and_states():
-    from legend_hf.evaluation import PairStates
-
+def test_select_pairs():
     pairs = LabelledPairs.from_data(PREFERENCES)
     sub = pairs.select([3, 0])
-    assert sub.groups == ["refusal_vs_compliance", "refusal_vs_compliance"]
-    assert sub.first_is_safer == [False, True] and sub.schema == pairs.schema
-    states = PairStates(
-        first={1: torch.arange(8.0).reshape(4, 2)},
-        second={1: torch.zeros(4, 2)},
-        truncated=[False, True, False, False],
-        length_diff=[1.0, 2.0, 3.0, 4.0],
+    assert sub.labels.groups == ["refusal_vs_compliance", "refusal_vs_compliance"]
+    assert sub.labels.chosen_is_safer == [False, True] and sub.chosen == [pairs.chosen[3], pairs.chosen[0]]
+
+
+def test_annotation_report_uses_the_same_statistics(tiny_llama):
+    from datasets import Dataset
+
+    from legend_hf import annotate_margins
+
+    model, tokenizer = tiny_llama
+    direction = tiny_direction()
+    annotated = annotate_margins(
+        Dataset.from_list(PREFERENCES), direction, model=model, tokenizer=tokenizer, bins=2
     )
-    picked = states.select([3, 0])
-    assert picked.first[1].tolist() == [[6.0, 7.0], [0.0, 1.0]] and picked.length_diff == [4.0, 1.0]
+    report = annotation_report(annotated)
+    assert (
+        report["record"]["direction_fingerprint"] == direction.fingerprint() and report["record"]["bins"] == 2
+    )
+    assert report["margins"]["column"] == "margin_raw" and sum(report["margins"]["bins"].values()) == 4
+    pairs = LabelledPairs.from_data(PREFERENCES)
+    scores = Scorer(direction, model, tokenizer).score_pairs(pairs.chosen, pairs.rejected)
+    expected = pair_statistics(scores.chosen.tolist(), scores.rejected.tolist(), pairs.labels)
+    assert report["scores"]["all"] == pytest.approx(expected, nan_ok=True)
+    assert set(report["scores"]) == {"all", "benign", "refusal_vs_compliance", "unsafe_vs_unsafe"}

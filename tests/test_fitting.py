@@ -7,7 +7,7 @@ import torch
 from conftest import HARMFUL
 
 from legend_hf import fit_direction
-from legend_hf.fitting import direction_from_states
+from legend_hf.fitting import direction_from_states, mean_diff
 
 
 def test_methods_orient_safer_positive():
@@ -16,14 +16,25 @@ def test_methods_orient_safer_positive():
     harmful = torch.randn(40, 16)
     safe = harmful + 2 * axis + 0.1 * torch.randn(40, 16)
     for method in ("mean_diff", "pca", "logistic"):
-        vector = direction_from_states(safe, harmful, method, paired=True)
+        vector = direction_from_states(safe, harmful, method)
         assert float(torch.nn.functional.cosine_similarity(vector, axis, dim=0)) > 0.8, method
         assert ((safe - harmful) @ vector > 0).all(), method
 
 
+def test_a_method_is_a_function_you_can_pass(tiny_llama_path):
+    def flipped_mean(safe: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
+        return harmful.mean(0) - safe.mean(0)  # the wrong sign on purpose: fit_direction orients it
+
+    custom = fit_direction(str(tiny_llama_path), HARMFUL, method=flipped_mean)
+    standard = fit_direction(str(tiny_llama_path), HARMFUL, method=mean_diff)
+    torch.testing.assert_close(custom.vector, standard.vector)
+    assert custom.method == "flipped_mean" and standard.method == "mean_diff"
+
+
 def test_mean_diff_is_the_paper_smv(tiny_bert_path):
     from legend_hf.formatting import TextTemplate
-    from legend_hf.hidden_states import TextReader, load_model
+    from legend_hf.hidden_states import TextReader
+    from legend_hf.models import load_model
 
     direction = fit_direction(str(tiny_bert_path), HARMFUL[:6], refusals="No.")
     model, tokenizer = load_model(str(tiny_bert_path))

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from legend_hf.hidden_states import LayerReader, is_decoder, length_batches, normalize_layer, pool, tokenize
+from legend_hf.hidden_states import LayerReader, length_batches, pool, tokenize
+from legend_hf.models import is_decoder, normalize_layer
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

@@ -1,15 +1,16 @@
-"""The `evaluate` metric metrics/legend_margin: loading, both modes, add_batch, distributed, bad input, doctests."""
+"""The `evaluate` metric metrics/legend_margin: thin over the scoring path (the same margins as Dataset.map),
+its four configurations, add_batch, distributed, bad input, evaluate's own module test, and the Space."""
 
 from __future__ import annotations
 
 import doctest
-import importlib.util
-import math
+import importlib
+import inspect
 import multiprocessing
-import statistics
-import sys
+import os
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import evaluate
 import pytest
@@ -17,9 +18,9 @@ from conftest import HARMFUL, PAIRS
 from datasets import Dataset
 from huggingface_hub import RepoCard
 
-from legend_hf import SafetyDirection, annotate_margins, fit_direction
+from legend_hf import SafetyDirection, annotate_margins, fit_direction, load_metric
 from legend_hf.cards import LEGEND_BIBTEX
-from legend_hf.evaluation import roc_auc, sign_accuracy, spearman
+from legend_hf.stats import pair_accuracy, roc_auc, spearman
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC = str(REPO / "metrics" / "legend_margin")
@@ -37,73 +38,74 @@ def direction_dir(tiny_bert_path, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def expected(direction_dir) -> Dataset:
-    """What `annotate_margins` gives for PAIRS: the metric must agree with it."""
+    """What `annotate_margins` gives for PAIRS: the metric must give exactly the same numbers."""
     return annotate_margins(Dataset.from_list(PAIRS), SafetyDirection.from_pretrained(direction_dir))
 
 
-@pytest.fixture()
-def metric(direction_dir, tmp_path):
-    return evaluate.load(METRIC, direction=direction_dir, cache_dir=str(tmp_path))
+def load(direction_dir: str, tmp_path: Path, config: str = "pairs", **kwargs) -> evaluate.EvaluationModule:
+    return evaluate.load(METRIC, config, direction=direction_dir, cache_dir=str(tmp_path), **kwargs)
 
 
-def _loaded_module(metric) -> object:
-    return sys.modules[type(metric).__module__]
-
-
-def test_pairs_agree_with_annotate_margins(metric, expected):
-    results = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED)
-    assert sorted(results) == ["agreement", "margins", "mean_margin", "median_margin"]
-    assert results["margins"] == pytest.approx(expected["margin"], abs=1e-6)
+def test_pairs_equal_dataset_map(direction_dir, expected, tmp_path):
+    results = load(direction_dir, tmp_path).compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED)
+    assert sorted(results) == ["length_spearman", "margins", "mean_margin", "median_margin", "share_positive"]
+    assert results["margins"] == expected["margin"]  # one scoring path: identical, not just close
     margins = expected["margin"]
-    assert results["mean_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-6)
-    assert results["median_margin"] == pytest.approx(statistics.median(margins), abs=1e-6)
-    assert results["agreement"] == sum(m > 0 for m in margins) / len(margins)
+    assert results["share_positive"] == sum(m > 0 for m in margins) / len(margins)
+    lengths = [len(c) - len(r) for c, r in zip(CHOSEN, REJECTED, strict=True)]
+    assert results["length_spearman"] == spearman(margins, lengths)
 
 
-def test_model_is_loaded_once_per_metric_object(metric, monkeypatch):
-    import legend_hf.annotate
+def test_model_is_loaded_once_per_metric_object(direction_dir, tmp_path, monkeypatch):
+    import legend_hf.scoring
 
     calls = []
-    original = legend_hf.annotate.load_model
-    monkeypatch.setattr(
-        legend_hf.annotate, "load_model", lambda *a, **k: calls.append(a) or original(*a, **k)
-    )
+    original = legend_hf.scoring.load_model
+    monkeypatch.setattr(legend_hf.scoring, "load_model", lambda *a, **k: calls.append(a) or original(*a, **k))
+    metric = load(direction_dir, tmp_path)
     first = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED)
     second = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED)
     assert len(calls) == 1 and first == second
 
 
-def test_references(metric, expected):
+def test_labelled_pairs(direction_dir, tmp_path):
+    metric = load(direction_dir, tmp_path, "labelled_pairs")
     labels = [1, 1, 0, 1, 0, 1]
     results = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED, references=labels)
     margins = results["margins"]
-    assert results["accuracy"] == sign_accuracy(margins, [x == 1 for x in labels])
-    assert results["auc"] == roc_auc(margins, labels)
-    assert results["spearman"] == spearman(margins, labels)
+    assert results["pair_accuracy"] == pair_accuracy(margins, [x == 1 for x in labels])
+    assert results["pair_auc"] == roc_auc(margins, labels)
+    assert "severity_spearman" not in results
     severities = [3, 2, 0, 3, -1, 2]  # severity(rejected) - severity(chosen)
     results = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED, references=severities)
-    assert "auc" not in results and "accuracy" not in results
-    assert results["spearman"] == spearman(results["margins"], severities)
+    assert "pair_auc" not in results and "pair_accuracy" not in results
+    assert results["severity_spearman"] == spearman(results["margins"], severities)
     results = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED, references=[1] * 6)
-    assert math.isnan(results["auc"]) and math.isnan(results["spearman"])  # one label only: undefined
+    assert results["pair_auc"] != results["pair_auc"]  # one label only: undefined (NaN)
 
 
-def test_single_responses(metric, expected):
-    results = metric.compute(prompts=PROMPTS, predictions=CHOSEN)
+def test_responses_equal_the_dataset_safety_scores(direction_dir, expected, tmp_path):
+    results = load(direction_dir, tmp_path, "responses").compute(prompts=PROMPTS, predictions=CHOSEN)
     assert sorted(results) == ["mean_safety", "median_safety", "safety_scores"]
-    assert results["safety_scores"] == pytest.approx(expected["chosen_safety"], abs=1e-6)
-    results = metric.compute(predictions=REJECTED, references=[0, 0, 1, 0, 1, 0])
-    assert len(results["safety_scores"]) == 6 and {"auc", "spearman"} <= set(results)
-    # Without prompts a response is read with an empty prompt, or its HH-RLHF dialogue's own prompt.
-    with_empty = metric.compute(prompts=[""] * 6, predictions=REJECTED)
-    assert results["safety_scores"] == pytest.approx(with_empty["safety_scores"], abs=1e-9)
-    dialogue = f"\n\nHuman: {PROMPTS[0]}\n\nAssistant: {CHOSEN[0]}"
-    assert metric.compute(predictions=[dialogue])["safety_scores"] == pytest.approx(
-        [expected["chosen_safety"][0]], abs=1e-6
-    )
+    assert results["safety_scores"] == pytest.approx(expected["chosen_safety"], abs=1e-9)
+    labelled = load(direction_dir, tmp_path, "labelled_responses")
+    results = labelled.compute(prompts=PROMPTS, predictions=REJECTED, references=[0, 0, 1, 0, 1, 0])
+    assert results["response_auc"] == roc_auc(results["safety_scores"], [0, 0, 1, 0, 1, 0])
+    ratings = labelled.compute(prompts=PROMPTS, predictions=REJECTED, references=[0.1, 0.2, 3, 0, 2, 0.5])
+    assert "rating_spearman" in ratings and "response_auc" not in ratings
 
 
-def test_add_batch_and_add_match_one_compute(metric):
+def test_hh_dialogues_with_empty_prompts(direction_dir, expected, tmp_path):
+    dialogues = [f"\n\nHuman: {p}\n\nAssistant: {c}" for p, c in zip(PROMPTS, CHOSEN, strict=True)]
+    responses = load(direction_dir, tmp_path, "responses").compute(prompts=[""] * 6, predictions=dialogues)
+    assert responses["safety_scores"] == pytest.approx(expected["chosen_safety"], abs=1e-9)
+    rejected = [f"\n\nHuman: {p}\n\nAssistant: {r}" for p, r in zip(PROMPTS, REJECTED, strict=True)]
+    pairs = load(direction_dir, tmp_path).compute(prompts=[""] * 6, chosen=dialogues, rejected=rejected)
+    assert pairs["margins"] == pytest.approx(expected["margin"], abs=1e-9)
+
+
+def test_add_batch_and_add_match_one_compute(direction_dir, tmp_path):
+    metric = load(direction_dir, tmp_path, "labelled_pairs")
     whole = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED, references=[1] * 6)
     metric.add_batch(prompts=PROMPTS[:4], chosen=CHOSEN[:4], rejected=REJECTED[:4], references=[1] * 4)
     metric.add_batch(prompts=PROMPTS[4:], chosen=CHOSEN[4:], rejected=REJECTED[4:], references=[1] * 2)
@@ -113,10 +115,7 @@ def test_add_batch_and_add_match_one_compute(metric):
     single = metric.compute()
     for results in (batched, single):
         assert results["margins"] == pytest.approx(whole["margins"], abs=1e-9)
-        assert results["agreement"] == whole["agreement"]
-    for i in range(2):
-        metric.add(prediction=CHOSEN[i], prompts=PROMPTS[i])
-    assert len(metric.compute()["safety_scores"]) == 2
+        assert results["pair_accuracy"] == whole["pair_accuracy"]
 
 
 def _distributed_worker(args: tuple[str, str, str, int]) -> dict | None:
@@ -134,8 +133,8 @@ def _distributed_worker(args: tuple[str, str, str, int]) -> dict | None:
     return metric.compute()
 
 
-def test_distributed_matches_single_process(metric, direction_dir, tmp_path):
-    whole = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED)
+def test_distributed_matches_single_process(direction_dir, tmp_path):
+    whole = load(direction_dir, tmp_path).compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED)
     experiment_id = uuid.uuid4().hex
     jobs = [(direction_dir, str(tmp_path), experiment_id, rank) for rank in range(2)]
     with multiprocessing.get_context("spawn").Pool(2) as pool:
@@ -144,64 +143,104 @@ def test_distributed_matches_single_process(metric, direction_dir, tmp_path):
     assert first["margins"] == pytest.approx(whole["margins"], abs=1e-6)
 
 
-def test_direction_is_required():
+def test_direction_and_a_known_configuration_are_required(direction_dir):
     with pytest.raises(ValueError, match="needs a direction"):
         evaluate.load(METRIC)
+    with pytest.raises(ValueError, match="configurations"):
+        evaluate.load(METRIC, "pair", direction=direction_dir)
 
 
 @pytest.mark.parametrize(
-    ("inputs", "message"),
+    ("config", "inputs", "message"),
     [
-        (dict(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED[:5]), "length mismatch: .* rejected has 5"),
-        (dict(prompts=PROMPTS[:2], chosen=CHOSEN, rejected=REJECTED), "length mismatch: .* has 6"),
-        (dict(prompts=PROMPTS, chosen=CHOSEN), "rejected is missing"),
-        (dict(prompts=PROMPTS, rejected=REJECTED), "chosen is missing"),
-        (dict(prompts=PROMPTS), "nothing to score"),
-        (dict(references=[1] * 6), "nothing to score"),
-        (dict(predictions=CHOSEN, chosen=CHOSEN, rejected=REJECTED), "not both"),
-        (dict(prompts=PROMPTS, chosen=[None, *CHOSEN[1:]], rejected=REJECTED), r"chosen\[0\] is missing"),
-        (dict(prompts=[1, *PROMPTS[1:]], chosen=CHOSEN, rejected=REJECTED), r"prompts\[0\] is a int"),
-        (dict(prompts=PROMPTS, chosen=CHOSEN, rejected=[*REJECTED[:5], ["x"]]), r"rejected\[5\] is a list"),
-        (dict(predictions="one response"), "predictions must be a list, got str"),
-        (dict(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED, references=["yes"] * 6), r"references\[0\]"),
-        (dict(predictions=CHOSEN, references=[1, 0, 1, 0, 1, float("nan")]), r"references\[5\] is nan"),
-        (dict(chosen=CHOSEN, rejected=REJECTED), "column 'chosen', row 0: without a prompt"),
+        (
+            "pairs",
+            dict(prompts=PROMPTS, chosen=CHOSEN),
+            r"needs \['prompts', 'chosen', 'rejected'\]: missing \['rejected'\]",
+        ),
+        ("pairs", dict(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED[:5]), "Mismatch in the number"),
+        (
+            "pairs",
+            dict(prompts=PROMPTS, chosen=[*CHOSEN[:3], None, *CHOSEN[4:]], rejected=REJECTED),
+            "'chosen', row 3",
+        ),
+        ("pairs", dict(prompts=PROMPTS, chosen=[None, *CHOSEN[1:]], rejected=REJECTED), "expected format"),
+        ("pairs", dict(prompts=[1, *PROMPTS[1:]], chosen=CHOSEN, rejected=REJECTED), "expected format"),
+        (
+            "labelled_pairs",
+            dict(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED),
+            r"missing \[.references.\]",
+        ),
+        (
+            "labelled_responses",
+            dict(prompts=PROMPTS, predictions=CHOSEN, references=[1, 0, 1, 0, 1, float("nan")]),
+            "'references', row 5: expected a number",
+        ),
     ],
 )
-def test_bad_input_is_a_value_error_naming_it(metric, inputs, message):
+def test_bad_input_is_a_value_error_naming_it(direction_dir, tmp_path, config, inputs, message):
     with pytest.raises(ValueError, match=message):
-        metric.compute(**inputs)
+        load(direction_dir, tmp_path, config).compute(**inputs)
 
 
-def test_batches_must_share_their_inputs(metric):
-    metric.add_batch(prompts=PROMPTS[:2], chosen=CHOSEN[:2], rejected=REJECTED[:2])
-    with pytest.raises(ValueError, match="same inputs"):
-        metric.add_batch(predictions=CHOSEN[:2])
-    with pytest.raises(ValueError, match="same inputs"):
-        metric.add_batch(chosen=CHOSEN[:2], rejected=REJECTED[:2], prompts=PROMPTS[:2], references=[1, 1])
-    assert len(metric.compute()["margins"]) == 2
+def test_an_unknown_keyword_is_named(direction_dir, tmp_path):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+        load(direction_dir, tmp_path).compute(prompts=["x"], chosen=["y"], rejected=["z"], foo=[1])
 
 
-def test_nothing_added_is_a_clear_error(metric):
-    with pytest.raises(ValueError, match="nothing to score"):
-        metric.compute()
+def test_load_metric_works_from_any_folder(direction_dir, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    metric = load_metric(direction_dir, cache_dir=str(tmp_path / "cache"))
+    assert metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED)["margins"] == expected["margin"]
 
 
-def test_metric_card():
-    card = RepoCard.load(REPO / "metrics" / "legend_margin" / "README.md")
-    assert card.data.title == "Legend Margin" and "metric" in card.data.tags
+def test_metric_folder_is_an_evaluate_space():
+    folder = REPO / "metrics" / "legend_margin"
+    card = RepoCard.load(folder / "README.md")
+    for key in ("title", "emoji", "colorFrom", "colorTo", "sdk", "sdk_version", "app_file", "pinned", "tags"):
+        assert getattr(card.data, key, None) is not None, key
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and "metric" in card.data.tags
     assert LEGEND_BIBTEX in card.text
-    requirements = (REPO / "metrics" / "legend_margin" / "requirements.txt").read_text().split()
-    assert "legend-hf" in requirements
+    assert "legend-hf" in (folder / "requirements.txt").read_text().split()
+    app = (folder / "app.py").read_text()
+    assert "launch_gradio_widget" in app and "DEFAULT_DIRECTION" in app
+
+
+def test_space_app_builds_the_widget_inputs(monkeypatch):
+    """app.py loads the metric with the shipped direction (the model loads on the first compute) and hands
+    it to evaluate's gradio widget; gradio itself is not installed here, so the widget's input parsing runs."""
+    from evaluate.utils.gradio import infer_gradio_input_types
+
+    launched = []
+    with mock.patch("evaluate.utils.launch_gradio_widget", launched.append):
+        monkeypatch.chdir(REPO / "metrics" / "legend_margin")
+        importlib.import_module("runpy").run_path("app.py")
+    (metric,) = launched
+    assert list(metric.features) == ["prompts", "chosen", "rejected"]
+    assert infer_gradio_input_types(metric.features.values()) == ["str", "str", "str"]
 
 
 @pytest.mark.slow
-def test_docstring_examples(monkeypatch):
-    """The examples in the metric's docstring (MiniLM, offline), run from the repository root as documented."""
+def test_evaluate_local_module_test(monkeypatch):
+    """evaluate's own tests/test_metric_common.py LocalModuleTest.test_load, run from the repository root:
+    the module loads through evaluation_module_factory, `_compute` takes no **kwargs, and the docstring's
+    examples pass with `evaluate.load` patched to prefix `metrics/` (real MiniLM, offline)."""
     monkeypatch.chdir(REPO)
-    spec = importlib.util.spec_from_file_location("legend_margin_doctest", Path(METRIC) / "legend_margin.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    results = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert results.attempted >= 10 and results.failed == 0
+    doctest.ELLIPSIS_MARKER = "[...]"
+    module = importlib.import_module(
+        evaluate.loading.evaluation_module_factory(
+            os.path.join("metrics", "legend_margin"), module_type="metric"
+        ).module_path
+    )
+    metric_class = evaluate.loading.import_main_class(module.__name__)
+    parameters = inspect.signature(metric_class._compute).parameters
+    assert all(p.kind != p.VAR_KEYWORD for p in parameters.values())
+    real_load = evaluate.load
+
+    def load_local(name, *args, **kwargs):
+        return real_load(os.path.join("metrics", name), *args, **kwargs)
+
+    with mock.patch("evaluate.load") as patched:
+        patched.side_effect = load_local
+        results = doctest.testmod(module, verbose=False, raise_on_error=True)
+    assert results.failed == 0 and results.attempted > 1

@@ -14,7 +14,7 @@ import pytest
 from datasets import Dataset
 
 from legend_hf import SafetyDirection, annotate_margins, fit_direction
-from legend_hf.evaluation import sign_accuracy
+from legend_hf.stats import pair_accuracy
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ HELD_OUT = [r for r in _jsonl("sample_preferences.jsonl") if r["pair_type"] == "
 
 def held_out_accuracy(direction: SafetyDirection, rows: list[dict], model: str | None = None) -> float:
     out = annotate_margins(Dataset.from_list(rows), direction, model=model)
-    return sign_accuracy(out["margin"], [r["chosen_is_safe"] for r in rows])
+    return pair_accuracy(out["margin"], [r["chosen_is_safe"] for r in rows])
 
 
 def test_no_prompt_overlap_between_fit_and_held_out():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from legend_hf import RuntimeOptions
 from legend_hf.direction import SafetyDirection
 from legend_hf.fitting import fit_direction
 from legend_hf.formatting import TextTemplate
@@ -146,9 +147,8 @@ def test_fit_balanced_is_a_balanced_fit_then_length_removal(tiny_llama_path):
         "Please talk to someone you trust about this.",
         "Here is a safe, legal alternative instead.",
     ]
-    got = fit_balanced(
-        str(tiny_llama_path), harmful_groups, refusals, completions, max_length=64, device="cpu"
-    )
+    runtime = RuntimeOptions(max_length=64, device="cpu")
+    got = fit_balanced(str(tiny_llama_path), harmful_groups, refusals, completions, runtime=runtime)
     safe = [balanced_harmless(group, refusals, completions) for group in harmful_groups]
     fitted = fit_direction(
         str(tiny_llama_path),
@@ -156,10 +156,9 @@ def test_fit_balanced_is_a_balanced_fit_then_length_removal(tiny_llama_path):
         harmless=safe[0] + safe[1],
         method="logistic",
         layer="auto",
-        max_length=64,
-        device="cpu",
+        runtime=runtime,
     )
-    want = remove_length(fitted, [*harmful_groups, *safe], model=str(tiny_llama_path), device="cpu")
+    want = remove_length(fitted, [*harmful_groups, *safe], model=str(tiny_llama_path), runtime=runtime)
     assert (got.method, got.layer, got.fit_data["projected_out"]) == ("logistic", want.layer, ["length"])
     assert got.fit_data["n_harmful"] == got.fit_data["n_harmless"] == 22
     for k, vector in want.vectors.items():

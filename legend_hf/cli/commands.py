@@ -1,0 +1,484 @@
+"""What each ``legend-hf`` command does: check every option and column, then call the library, then write and
+print. The commands hold no scoring or statistics of their own (those are :mod:`legend_hf.scoring`,
+:mod:`legend_hf.stats` and :mod:`legend_hf.evaluation`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ..data_io import (
+    DEFAULT_DIRECTION,
+    FIT_HARMFUL,
+    SAMPLE_PREFERENCES,
+    is_pku_saferlhf,
+    load_data,
+    pku_saferlhf_to_pairs,
+    write_dataset,
+)
+from ..formatting import InputError, TextTemplate
+from ..hub import public_name
+from ..options import RuntimeOptions
+from ..plots import HISTOGRAM_NAME, has_matplotlib, margin_histogram
+from ..stats import clean
+from .arguments import (
+    AnnotateArguments,
+    FitArguments,
+    GenerateArguments,
+    InputArguments,
+    ReportArguments,
+)
+
+logger = logging.getLogger("legend_hf.cli")
+
+
+class UsageError(Exception):
+    """An option value the command cannot use (exit code 2)."""
+
+
+# ----- shared helpers ---------------------------------------------------------------------------------
+
+
+def _load_input(source: str | Path, data: InputArguments, *, split: str | None = None) -> Any:
+    dataset = load_data(
+        source,
+        split=split or data.split,
+        name=data.config_name,
+        revision=data.dataset_revision,
+        limit=data.limit,
+    )
+    if len(dataset) == 0:
+        raise InputError(f"{public_name(source)}: no rows to work on")
+    return dataset
+
+
+def _read_refusals(path: str) -> list[str]:
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix == ".json":
+        refusals = json.loads(text)
+        if not (isinstance(refusals, list) and refusals and all(isinstance(r, str) for r in refusals)):
+            raise InputError(f"{path}: expected a JSON list of refusal strings")
+        return refusals
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _parse_layer(text: str) -> int | list[int] | str:
+    if text == "auto":
+        return text
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--layer must be an integer, a comma list of integers or 'auto', got {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
+def _parse_scale(text: str | None) -> str | float | None:
+    if text is None or text == "none":
+        return None
+    if text == "standardize":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--scale must be none, standardize or a number, got {text!r}") from None
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _write_histogram(dataset: Any, folder: Path) -> Path | None:
+    if not has_matplotlib():
+        logger.warning("matplotlib is not installed: no histogram (pip install 'legend-hf[plot]')")
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return margin_histogram(dataset, folder / HISTOGRAM_NAME)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The text summary of :func:`legend_hf.evaluation.annotation_report`, in the statistics' own names."""
+    record = report.get("record")
+    margins = report["margins"]
+    q = margins["quantiles"]
+    overall = report["scores"]["all"]
+    lines = []
+    if record:
+        scaling = record["scale"] or "none"
+        if record["scale"]:
+            scaling += f" (x{record['scale_factor']:.4g})"
+        if record["clip"]:
+            scaling += f", clip {record['clip']}"
+        if record["bins"]:
+            scaling += f", {record['bins']} bins, levels {record['levels']}"
+        lines += [
+            f"  direction          {record['direction']} (fingerprint {record['direction_fingerprint']})",
+            f"  annotator          {record['model_id']}, layer {record['layer']}/{record['num_layers']}, "
+            f"{record['pooling']} pooling, template {record['template'][:40]!r}, {record['method']}",
+            f"  scaling            {scaling}",
+        ]
+    else:
+        lines.append(
+            "  direction          not recorded (a plain Dataset.map annotation, or a format without a schema)"
+        )
+    truncated = margins.get("truncated")
+    lines += [
+        f"  pairs              {report['rows']}" + (f" ({truncated} truncated)" if truncated else ""),
+        f"  {'raw margin' if margins['column'] == 'margin_raw' else 'margin':<18} mean {_fmt(margins['mean'])}  "
+        f"std {_fmt(margins['std'])}  median {_fmt(q.get('50%'))}  5%..95% {_fmt(q.get('5%'))}..{_fmt(q.get('95%'))}",
+        f"  share_positive     {_fmt(overall['share_positive'])} (margin > 0: the direction finds chosen safer)",
+        f"  labels             {report['labels']}",
+        f"  pair_accuracy      {_fmt(overall['pair_accuracy'])} on {int(overall['n_ordered'])} pairs with a safer "
+        "side (margin sign vs label)",
+        f"  response_auc       {_fmt(overall['response_auc'])} (safety scores, safe vs unsafe responses; "
+        f"{int(overall['n_responses'])} labelled)",
+        f"  severity_spearman  {_fmt(overall['severity_spearman'])} (margin vs severity difference)",
+        f"  length_spearman    {_fmt(overall['length_spearman'])} (margin vs length difference, characters)",
+    ]
+    groups = {k: v for k, v in report["scores"].items() if k != "all"}
+    if groups:
+        lines.append("  per group          pairs  mean_margin  share_positive  pair_accuracy  response_auc")
+        for name, s in groups.items():
+            lines.append(
+                f"    {name:<24} {int(s['n_pairs']):>5}  {_fmt(s['mean_margin']):>11}  {_fmt(s['share_positive']):>14}  "
+                f"{_fmt(s['pair_accuracy']):>13}  {_fmt(s['response_auc']):>12}"
+            )
+    return "\n".join(lines)
+
+
+# ----- commands ---------------------------------------------------------------------------------------
+
+
+def run_generate(args: GenerateArguments, data: InputArguments, runtime: RuntimeOptions) -> int:
+    from ..generate import GENERATION_KEY, GenerationSettings, generate_responses
+
+    output = Path(args.output)
+    if output.suffix not in (".jsonl", ".json", ".parquet"):
+        raise UsageError(f"--output must end in .jsonl or .parquet, got {args.output!r}")
+    try:
+        settings = GenerationSettings(
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            template=args.template,
+            system_prompt=args.system_prompt,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    source = args.dataset or FIT_HARMFUL
+    dataset = _load_input(source, data)
+    if args.prompt_column not in dataset.column_names:
+        raise KeyError(
+            f"column {args.prompt_column!r} not found in {public_name(source)}; it has {dataset.column_names} "
+            "(set --prompt_column)"
+        )
+    replaced = [c for c in (args.response_column, "response_truncated") if c in dataset.column_names]
+    if replaced:
+        logger.warning("replacing the input's %s column(s) with new generations", replaced)
+        dataset = dataset.remove_columns(replaced)
+    start = time.perf_counter()
+    generated = generate_responses(
+        args.model,
+        dataset,
+        prompt_column=args.prompt_column,
+        response_column=args.response_column,
+        batch_size=args.batch_size,
+        runtime=runtime,
+        settings=settings,
+    )
+    record = json.loads(generated.info.description)[GENERATION_KEY]
+    record.update(source_dataset=public_name(source))
+    write_dataset(generated, output)
+    settings_path = output.with_name(output.stem + ".settings.json")
+    settings_path.write_text(json.dumps(record, indent=2) + "\n")
+    n_cut = sum(generated["response_truncated"])
+    print(
+        f"legend-hf generate: {len(generated)} responses from {record['model_id']} "
+        f"({'sampled' if args.do_sample else 'greedy'}, template {record['template']}, "
+        f"{n_cut} stopped at --max_new_tokens={args.max_new_tokens}) in {time.perf_counter() - start:.0f} s\n"
+        f"  outputs: {output}, {settings_path}\n"
+        f"  next:    legend-hf fit --dataset {output} --response_column {args.response_column}"
+    )
+    return 0
+
+
+def run_fit(args: FitArguments, data: InputArguments, runtime: RuntimeOptions) -> int:
+    from ..fitting import fit_direction
+
+    layer = _parse_layer(args.layer)
+    if args.template != "auto":
+        try:
+            TextTemplate(args.template)
+        except ValueError as e:
+            raise UsageError(f"--template: {e}") from None
+    if not 0 <= args.holdout < 1:
+        raise UsageError(f"--holdout must be in [0, 1), got {args.holdout}")
+    if args.refusals and args.refusals_file:
+        raise UsageError("give --refusals or --refusals_file, not both")
+    if (args.hub_revision or args.create_pr) and not args.push_to_hub:
+        raise UsageError("--hub_revision and --create_pr need --push_to_hub")
+    refusals = _read_refusals(args.refusals_file) if args.refusals_file else args.refusals
+    source = args.dataset or FIT_HARMFUL
+    harmful = _load_input(source, data)
+    harmless = _load_input(args.harmless, data, split=args.harmless_split) if args.harmless else None
+    for name, rows in (("--dataset", harmful), ("--harmless", harmless)):
+        columns = [] if rows is None else rows.column_names
+        missing = [
+            c for c in (args.prompt_column, args.response_column) if rows is not None and c not in columns
+        ]
+        if missing:
+            raise KeyError(
+                f"{name} has no column(s) {missing}; it has {columns} (set --prompt_column/--response_column)"
+            )
+    start = time.perf_counter()
+    direction = fit_direction(
+        args.model,
+        harmful,
+        harmless=harmless,
+        layer=layer,
+        pooling=args.pooling,
+        method=args.method,
+        template=args.template,
+        refusals=refusals,
+        prompt_column=args.prompt_column,
+        response_column=args.response_column,
+        holdout=args.holdout,
+        seed=args.seed,
+        description=args.description or _fit_description(args, source, refusals),
+        model_id=args.model_id,
+        runtime=runtime,
+    )
+    folder = direction.save_pretrained(args.output_dir, repo_id=args.push_to_hub)
+    scores = direction.layer_scores.get(direction.layer)
+    held_out = (
+        f"held-out pair accuracy {_fmt(scores['accuracy'])}, AUC {_fmt(scores['auc'])} "
+        f"({int(scores['n_heldout'])} pairs)"
+        if scores
+        else "no held-out score (--holdout 0 or fewer than 5 pairs)"
+    )
+    print(
+        f"legend-hf fit: {direction.method} direction on {direction.model_id} at layer "
+        f"{direction.layer}/{direction.num_layers} ({direction.pooling} pooling, template "
+        f"{direction.template[:40]!r}) from {direction.fit_data.get('n_harmful')} harmful rows "
+        f"in {time.perf_counter() - start:.0f} s\n"
+        f"  {held_out}\n"
+        f"  artifact: {folder}/"
+    )
+    if args.push_to_hub:
+        commit = direction.push_to_hub(
+            args.push_to_hub,
+            private=args.private or None,
+            revision=args.hub_revision,
+            create_pr=args.create_pr,
+        )
+        print(f"  pushed:   {commit.pr_url or commit.commit_url}")
+    return 0
+
+
+def _fit_description(args: FitArguments, source: str | Path, refusals: list[str] | None) -> str:
+    if args.harmless:
+        safe = public_name(args.harmless)
+    elif args.refusals_file:
+        safe = f"refusals from {public_name(args.refusals_file)}"
+    else:
+        safe = f"{len(refusals)} refusal(s)" if refusals else 'the refusal "I can\'t answer that."'
+    return f"harmful: {public_name(source)}; safe: {safe}"
+
+
+def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: RuntimeOptions) -> int:
+    from ..annotate import annotate_margins, scale_margins
+    from ..cards import dataset_card
+    from ..direction import SafetyDirection
+    from ..evaluation import annotation_report
+    from ..hub import push_annotated_dataset
+
+    # Every option first: nothing below loads a model until all of them are known to be usable.
+    scale = _parse_scale(args.scale)
+    if args.levels is not None and args.bins is None:
+        raise UsageError("--levels needs --bins")
+    if args.bins is not None and args.bins < 2:
+        raise UsageError(f"--bins must be at least 2, got {args.bins}")
+    if args.levels is not None and args.bins is not None and len(args.levels) != args.bins:
+        raise UsageError(f"--bins {args.bins} needs {args.bins} --levels, got {len(args.levels)}")
+    if args.target_std <= 0:
+        raise UsageError(f"--target_std must be positive, got {args.target_std}")
+    if args.engine != "local" and args.num_proc:
+        raise UsageError(f"--num_proc is for --engine local; --engine {args.engine} runs its own workers")
+    if args.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError('--engine ray needs Ray: pip install "legend-hf[ray]"')
+    if (args.hub_revision or args.create_pr) and not args.push_to_hub:
+        raise UsageError("--hub_revision and --create_pr need --push_to_hub")
+    clip = None if args.clip_min is None and args.clip_max is None else (args.clip_min, args.clip_max)
+    source = args.dataset or SAMPLE_PREFERENCES
+    dataset = _load_input(source, data)
+    if args.pku_saferlhf:
+        dataset = pku_saferlhf_to_pairs(dataset, preference=args.pku_preference)
+    elif is_pku_saferlhf(dataset.column_names) and args.chosen_column not in dataset.column_names:
+        raise InputError(
+            f"{public_name(source)} has PKU-SafeRLHF's raw columns (response_0, response_1, safer_response_id) "
+            f"and no {args.chosen_column!r}: add --pku_saferlhf to make chosen the safer response"
+        )
+    missing = [c for c in (args.chosen_column, args.rejected_column) if c not in dataset.column_names]
+    if args.prompt_column != "prompt" and args.prompt_column not in dataset.column_names:
+        missing.insert(0, args.prompt_column)
+    if missing:
+        raise KeyError(
+            f"{public_name(source)} has no column(s) {missing}; it has {dataset.column_names} "
+            "(set --prompt_column/--chosen_column/--rejected_column, or --pku_saferlhf for PKU-SafeRLHF data)"
+        )
+    output_dir = Path(args.output_dir)
+    start = time.perf_counter()
+    direction = SafetyDirection.from_pretrained(
+        args.direction or DEFAULT_DIRECTION, revision=args.direction_revision
+    )
+    options: dict[str, Any] = dict(
+        model=args.model,
+        prompt_column=args.prompt_column,
+        chosen_column=args.chosen_column,
+        rejected_column=args.rejected_column,
+        runtime=runtime,
+    )
+    batch_size = args.batch_size or _map_batch_size(args, runtime)
+    scaling: dict[str, Any] = dict(
+        scale=scale, target_std=args.target_std, clip=clip, bins=args.bins, levels=args.levels
+    )
+    if args.engine == "local":
+        annotated = annotate_margins(
+            dataset, direction, batch_size=batch_size, num_proc=args.num_proc, **options, **scaling
+        )
+    else:
+        annotated = _annotate_with_engine(args, dataset, direction, options, batch_size)
+        if annotated is None:  # a torchrun rank other than 0: its shards are written, rank 0 merges
+            return 0
+        if scale is not None or clip is not None or args.bins is not None:
+            annotated = scale_margins(annotated, **scaling)
+    elapsed = time.perf_counter() - start
+    local = Path(source).exists()
+    split = "train" if local else data.split
+    data_path = write_dataset(annotated, output_dir / f"{split}.{args.format}")
+    histogram = _write_histogram(annotated, output_dir)
+    license = args.license or ("apache-2.0" if Path(source) == SAMPLE_PREFERENCES else None)
+    card = dataset_card(
+        annotated,
+        direction,
+        source_dataset=public_name(source),
+        source_revision=data.dataset_revision,
+        license=license,
+        histogram=histogram.name if histogram else None,
+        repo_id=args.push_to_hub,
+    )
+    card.save(output_dir / "README.md")
+    report = annotation_report(
+        annotated,
+        prompt_column=args.prompt_column,
+        chosen_column=args.chosen_column,
+        rejected_column=args.rejected_column,
+    )
+    (output_dir / "report.json").write_text(
+        json.dumps(clean({"dataset": public_name(source), **report}), indent=2) + "\n"
+    )
+    outputs = [data_path.name, "README.md", *([histogram.name] if histogram else []), "report.json"]
+    print(
+        f"legend-hf annotate: {len(annotated)} pairs from {public_name(source)} in {elapsed:.0f} s\n"
+        + format_report(report)
+        + f"\n  outputs            {output_dir}/ ({', '.join(outputs)})"
+    )
+    if args.push_to_hub:
+        commit = push_annotated_dataset(
+            annotated,
+            args.push_to_hub,
+            direction,
+            private=args.private or None,
+            revision=args.hub_revision,
+            create_pr=args.create_pr,
+            source_dataset=None if local else str(source),
+            source_revision=data.dataset_revision,
+            license=license,
+            split=split,
+        )
+        print(f"  pushed             {commit.pr_url or commit.commit_url}")
+    return 0
+
+
+def _map_batch_size(args: AnnotateArguments, runtime: RuntimeOptions) -> int:
+    """1000 rows (``datasets``' default) on a GPU, where the annotator batches by token budget within each map
+    batch; 32 on a CPU, where it reads one pair per forward (so 32 only sets the progress bar's step)."""
+    from ..models import resolve_device
+
+    on_gpu = resolve_device(runtime.device).type == "cuda" or (
+        args.engine == "ray" and bool(args.num_gpus_per_actor)
+    )
+    return 1000 if on_gpu else 32
+
+
+def _annotate_with_engine(
+    args: AnnotateArguments, dataset: Any, direction: Any, options: dict[str, Any], batch_size: int
+) -> Any:
+    """Raw margins from the torchrun or Ray engine, merged in input order (``None`` on torchrun ranks > 0)."""
+    from ..distributed import annotate_distributed, load_annotated
+
+    work_dir = Path(args.work_dir or Path(args.output_dir) / f"parts-{args.engine}")
+    if args.engine == "torchrun":
+        return annotate_distributed(
+            dataset, direction, work_dir, shard_size=args.shard_size, batch_size=batch_size, **options
+        )
+    from ..ray_engine import annotate_with_ray
+
+    if work_dir.exists() and any(work_dir.iterdir()):
+        raise UsageError(
+            f"--work_dir {work_dir} is not empty (a Ray run writes new parts): remove it or pass another folder"
+        )
+    annotate_with_ray(
+        dataset,
+        direction,
+        output=work_dir,
+        num_actors=args.num_actors,
+        num_gpus_per_actor=args.num_gpus_per_actor,
+        num_cpus_per_actor=args.num_cpus_per_actor,
+        batch_size=batch_size,
+        **options,
+    )
+    return load_annotated(work_dir)
+
+
+def run_report(args: ReportArguments, data: InputArguments) -> int:
+    from ..evaluation import annotation_report
+
+    dataset = _load_input(args.dataset, data)
+    card = Path(args.dataset).with_name("README.md") if Path(args.dataset).is_file() else None
+    report = annotation_report(
+        dataset,
+        prompt_column=args.prompt_column,
+        chosen_column=args.chosen_column,
+        rejected_column=args.rejected_column,
+        group_column=args.group_column,
+        card=card,
+    )
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    histogram = _write_histogram(dataset, output_dir)
+    (output_dir / "report.json").write_text(
+        json.dumps(clean({"dataset": public_name(args.dataset), **report}), indent=2) + "\n"
+    )
+    if args.json:
+        print(json.dumps(clean(report), indent=2))
+        return 0
+    outputs = ["report.json", *([histogram.name] if histogram else [])]
+    print(
+        f"legend-hf report: {public_name(args.dataset)}\n"
+        + format_report(report)
+        + f"\n  outputs            {output_dir}/ ({', '.join(outputs)})"
+    )
+    return 0
+
+
+COMMANDS = {"generate": run_generate, "fit": run_fit, "annotate": run_annotate, "report": run_report}

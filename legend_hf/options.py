@@ -1,0 +1,110 @@
+"""`RuntimeOptions`: how the annotator model runs, one object every entry point takes as ``runtime=``.
+
+Fitting, annotating, evaluating, the metric, the scale-out engines and the CLI all read the model through
+the same options, so they are declared once here (as transformers and TRL pass one ``*Config``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the annotator model runs (each field's ``help`` metadata, also shown by ``legend-hf <command>
+    --help``, says what it does). None of these changes a margin beyond float noise except ``dtype``,
+    ``max_length`` (longer texts lose their start) and ``model_revision`` (another model)."""
+
+    _argument_group_name = "model and runtime"
+
+    device: str | None = field(
+        default=None, metadata=_help("torch device; default: cuda when available, else cpu")
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = field(
+        default=None,
+        metadata=_help("model weights dtype (pooling and projections stay float32/float64); default float32"),
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata=_help(
+            "tokens per text (default: the direction's, else the model's context); longer texts lose tokens "
+            "from the start, so the response end stays visible, and are flagged in the 'truncated' column"
+        ),
+    )
+    max_tokens_per_batch: int = field(
+        default=8192,
+        metadata=_help(
+            "padded tokens per forward pass (texts are batched by length); halved on out-of-memory"
+        ),
+    )
+    max_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "texts (or pairs) per forward pass at most; default 1 on a CPU (padded batches measured ~2x "
+            "slower there), else the token budget decides"
+        ),
+    )
+    share_prompt: bool | None = field(
+        default=None,
+        metadata=_help(
+            "run the prompt shared by chosen and rejected once (decoders); default: on a CPU only "
+            "(measured 1.26x faster there, 0.80x on a GPU)"
+        ),
+    )
+    model_revision: str | None = field(
+        default=None, metadata=_help("branch, tag or commit of a Hub model (default: the direction's record)")
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=_help("run a Hub model's own code (off unless you ask for it)")
+    )
+    check_model_id: bool = field(
+        default=True,
+        metadata=_help("warn when the model's id differs from the one the direction was fitted on"),
+    )
+    progress: bool = field(default=True, metadata=_help("progress bars (texts/s, ETA) on terminals"))
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            name = str(self.dtype).removeprefix("torch.")
+            if name not in DTYPES:
+                raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            object.__setattr__(self, "dtype", name)
+        if self.device is not None:
+            object.__setattr__(self, "device", str(self.device))
+        for name in ("max_length", "max_tokens_per_batch", "max_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+_LEGACY_NAMES = {"revision": "model_revision", "batch_size": "max_batch_size"}
+
+
+def runtime_options(runtime: RuntimeOptions | None, legacy: dict[str, Any], owner: str) -> RuntimeOptions:
+    """``runtime`` with the keyword arguments older versions took one by one (``device=``, ``dtype=``...).
+
+    Those still work, with a ``FutureWarning`` naming the ``RuntimeOptions`` to pass instead; an unknown
+    keyword is a ``TypeError``, as for any function.
+    """
+    if not legacy:
+        return runtime or RuntimeOptions()
+    known = {f.name for f in fields(RuntimeOptions)}
+    renamed = {_LEGACY_NAMES.get(k, k): v for k, v in legacy.items()}
+    unknown = sorted(k for k, name in zip(legacy, renamed, strict=True) if name not in known)
+    if unknown:
+        raise TypeError(f"{owner}() got unexpected keyword argument(s) {unknown}")
+    warnings.warn(
+        f"{owner}({', '.join(f'{k}=...' for k in legacy)}) is deprecated: pass "
+        f"runtime=RuntimeOptions({', '.join(f'{k}=...' for k in renamed)}) (legend_hf.RuntimeOptions)",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return replace(runtime or RuntimeOptions(), **renamed)
