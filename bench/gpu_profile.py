@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import RANDOM_CONFIGS, best_of, load_pairs, pair_texts, raw_batches  # noqa: E402
 
-from legend_hf import MarginAnnotator, SafetyDirection  # noqa: E402
+from legend_hf import MarginAnnotator, RuntimeOptions, SafetyDirection  # noqa: E402
 from legend_hf.hidden_states import pad  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -96,15 +96,10 @@ def main() -> None:
     budgets = [int(x) for x in args.budgets.split(",")]
     for share in (True, False):
         for budget in budgets:
-            annotator = MarginAnnotator(
-                direction,
-                model,
-                tokenizer,
-                device=DEVICE,
-                share_prompt=share,
-                max_tokens_per_batch=budget,
-                check_model_id=False,
+            runtime = RuntimeOptions(
+                device=DEVICE, share_prompt=share, max_tokens_per_batch=budget, check_model_id=False
             )
+            annotator = MarginAnnotator(direction, model, tokenizer, runtime=runtime)
             annotator(batch)
             seconds = best(lambda a=annotator: a(batch), args.repeats)
             report(f"annotator share_prompt={share} max_tokens_per_batch={budget}", seconds)

@@ -88,11 +88,13 @@ def annotate(data: Path, workdir: Path, batch_size: int, threads: int) -> dict[s
     import torch
     from datasets import load_from_disk
 
-    from legend_hf import MarginAnnotator, SafetyDirection
+    from legend_hf import MarginAnnotator, RuntimeOptions, SafetyDirection
 
     torch.set_num_threads(threads)
     direction = SafetyDirection.from_pretrained(workdir / "direction")
-    annotator = MarginAnnotator(direction, str(workdir / "model"), check_model_id=False)
+    annotator = MarginAnnotator(
+        direction, str(workdir / "model"), runtime=RuntimeOptions(check_model_id=False)
+    )
     dataset = load_from_disk(str(data))
     process = psutil.Process()
     before = process.memory_info().rss

@@ -12,7 +12,8 @@ AdvBench (fit, dev and test splits of its prompts), HarmBench standard behaviour
 XSTest (a nuisance split and a test split), HH-RLHF harmless-base; and legend_hf/data: fit_harmful.jsonl,
 refusals.json and safe_completions.json (fit only), advbench_fit.jsonl (the AdvBench fit split, checked
 by --shipped), sample_preferences.jsonl (every third row test, the others dev). Test refusals, safe
-answers and compliance texts below are written for this benchmark and used by no fit recipe.
+answers and compliance texts below are written for this benchmark and used by no fit recipe. Scores are
+legend_hf.stats' (pair_statistics, group_statistics): length differences are in response characters.
 
     python bench/quality.py --data-dir ../shared/data --model smollm2 --out /tmp/shipped --shipped \
         [--direction /tmp/smv-new]   # the recommended recipe from package data (or a saved direction)
@@ -35,19 +36,14 @@ from typing import Any
 
 import torch
 
-from legend_hf.evaluation import (
-    LabelledPairs,
-    PairStates,
-    QualityReport,
-    pair_quality,
-    plot_layer_scores,
-    score_layers,
-    spearman,
-)
+from legend_hf.evaluation import LabelledPairs, QualityReport, group_statistics
 from legend_hf.fitting import DEFAULT_REFUSAL, direction_from_states, layer_scores
 from legend_hf.formatting import TextTemplate, to_conversation
-from legend_hf.hidden_states import load_model, num_layers, pad
+from legend_hf.hidden_states import pad
+from legend_hf.models import load_model, num_layers
+from legend_hf.options import RuntimeOptions
 from legend_hf.recipes import balanced_harmless
+from legend_hf.stats import PairLabels, pair_statistics, spearman
 
 Conversation = tuple[list[dict[str, str]], str]
 POOLINGS = ("last", "mean", "response")
@@ -144,23 +140,24 @@ class Sets:
     fit_prompts: set[str] = field(default_factory=set)
 
 
+LABEL_FIELDS = ("chosen_is_safer", "chosen_is_safe", "rejected_is_safe", "severity_diff", "length_diff")
+
+
 def concat(parts: dict[str, LabelledPairs]) -> LabelledPairs:
     """One LabelledPairs whose groups are ``name`` or ``name:group``."""
-    out = LabelledPairs([], [], [], [], [], [], [], "mixed")
+    out = LabelledPairs([], [], PairLabels([], [], [], [], [], []))
     for name, p in parts.items():
-        out.first += p.first
-        out.second += p.second
-        out.first_is_safer += p.first_is_safer
-        out.first_is_safe += p.first_is_safe
-        out.second_is_safe += p.second_is_safe
-        out.severity_diff += p.severity_diff
-        out.groups += [name if g == "all" else f"{name}:{g}" for g in p.groups]
+        out.chosen += p.chosen
+        out.rejected += p.rejected
+        for label in LABEL_FIELDS:
+            getattr(out.labels, label).extend(getattr(p.labels, label))
+        out.labels.groups += [name if g == "all" else f"{name}:{g}" for g in p.labels.groups]
     return out
 
 
 def subset(pairs: LabelledPairs, keep: Callable[[str], bool]) -> LabelledPairs:
     """The pairs whose group passes ``keep``."""
-    return pairs.select([i for i, g in enumerate(pairs.groups) if keep(g)])
+    return pairs.select([i for i, g in enumerate(pairs.labels.groups) if keep(g)])
 
 
 def is_main(group: str) -> bool:
@@ -174,7 +171,7 @@ def is_core(group: str) -> bool:
 def rvc_pairs(
     prompts: Sequence[str], safe: Callable[[int, str], str], harmful: Callable[[int, str], str]
 ) -> LabelledPairs:
-    """Refusal/safe answer (first, safe) vs compliance (second, unsafe) to harmful prompts."""
+    """Refusal/safe answer (chosen, safe) vs compliance (rejected, unsafe) to harmful prompts."""
     rows = [
         {
             "prompt": p,
@@ -284,19 +281,21 @@ def build_sets(
         }
     )
     test_safe = TEST_REFUSALS + TEST_SAFE
-    xs_rows = [
-        {"first": user(s["prompt"], XSTEST_COMPLY), "second": user(u["prompt"], XSTEST_COMPLY)}
-        for s, u in zip(xs_safe_test, xs_unsafe_test, strict=True)
-    ]
+    # The same compliance after a safe prompt (chosen) and after its unsafe contrast (rejected).
+    xs_chosen = [user(s["prompt"], XSTEST_COMPLY) for s in xs_safe_test]
+    xs_rejected = [user(u["prompt"], XSTEST_COMPLY) for u in xs_unsafe_test]
+    n_xs = len(xs_chosen)
     xstest = LabelledPairs(
-        [r["first"] for r in xs_rows],
-        [r["second"] for r in xs_rows],
-        [True] * len(xs_rows),
-        [True] * len(xs_rows),
-        [False] * len(xs_rows),
-        [None] * len(xs_rows),
-        ["all"] * len(xs_rows),
-        "xstest contrast",
+        xs_chosen,
+        xs_rejected,
+        PairLabels(
+            chosen_is_safer=[True] * n_xs,
+            chosen_is_safe=[True] * n_xs,
+            rejected_is_safe=[False] * n_xs,
+            severity_diff=[None] * n_xs,
+            length_diff=[float(len(c[1]) - len(r[1])) for c, r in zip(xs_chosen, xs_rejected, strict=True)],
+            groups=["all"] * n_xs,
+        ),
     )
     hh_rows = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in hh if r["chosen"] != r["rejected"]]
     test = concat(
@@ -323,11 +322,11 @@ def build_sets(
     )
     fit_prompts = {c[0][-1]["content"] for texts in fit.values() for c in texts}
     for name, pairs in (("dev", dev), ("test", test)):
-        seen = {c[0][-1]["content"] for c in pairs.first + pairs.second} & fit_prompts
+        seen = {c[0][-1]["content"] for c in pairs.chosen + pairs.rejected} & fit_prompts
         if seen:
             raise AssertionError(f"{len(seen)} {name} prompts are also fit prompts, e.g. {sorted(seen)[:2]}")
-    dev_prompts = {c[0][-1]["content"] for c in dev.first}
-    if dev_prompts & {c[0][-1]["content"] for c in test.first + test.second}:
+    dev_prompts = {c[0][-1]["content"] for c in dev.chosen}
+    if dev_prompts & {c[0][-1]["content"] for c in test.chosen + test.rejected}:
         raise AssertionError("dev and test prompts overlap")
     return Sets(fit=fit, dev=dev, test=test, fit_prompts=fit_prompts)
 
@@ -434,11 +433,43 @@ class StateCache:
 
 
 @dataclass
+class PairStates:
+    """Pooled states of both sides of every pair, ``{layer: (n, hidden)}`` (read once, scored many times)."""
+
+    chosen: dict[int, torch.Tensor]
+    rejected: dict[int, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.chosen.values())))
+
+    def select(self, rows: Sequence[int]) -> PairStates:
+        """The states of the pairs at ``rows``, in that order."""
+        return PairStates(
+            chosen={k: v[list(rows)] for k, v in self.chosen.items()},
+            rejected={k: v[list(rows)] for k, v in self.rejected.items()},
+        )
+
+    def scores(self, layer: int, u: torch.Tensor) -> tuple[list[float], list[float]]:
+        """Safety scores (fp64 projections on the unit vector ``u``) of both sides at ``layer``."""
+        return (self.chosen[layer].double() @ u).tolist(), (self.rejected[layer].double() @ u).tolist()
+
+
+def score_layers(
+    vectors: dict[int, torch.Tensor], states: PairStates, pairs: LabelledPairs
+) -> dict[int, dict[str, dict[str, float]]]:
+    """``{layer: {"all": statistics, group: statistics...}}`` for each vector (legend_hf.stats)."""
+    return {
+        k: group_statistics(*states.scores(k, unit(v.double())), pairs.labels)
+        for k, v in sorted(vectors.items())
+    }
+
+
+@dataclass
 class Cached:
     """States of the fit texts, dev pairs and test pairs for one (model, template)."""
 
     fit: dict[str, dict[str, torch.Tensor]]  # set -> pooling -> (n, layers, hidden)
-    fit_lengths: dict[str, list[int]]
+    fit_lengths: dict[str, list[int]]  # response tokens (the length directions' median split)
     dev: dict[str, PairStates]  # pooling -> states
     test: dict[str, PairStates]
     vectors: dict[tuple[Any, ...], dict[int, torch.Tensor]] = field(default_factory=dict)
@@ -452,14 +483,11 @@ def read_everything(cache: StateCache, sets: Sets, fit_names: Sequence[str]) -> 
 
     def pair_states(pairs: LabelledPairs) -> dict[str, PairStates]:
         n = len(pairs)
-        states, lengths = cache.read([*pairs.first, *pairs.second])
-        diff = [float(a - b) for a, b in zip(lengths[:n], lengths[n:], strict=True)]
+        states, _ = cache.read([*pairs.chosen, *pairs.rejected])
         return {
             p: PairStates(
-                first={k: s[:n, k] for k in range(s.shape[1])},
-                second={k: s[n:, k] for k in range(s.shape[1])},
-                truncated=[False] * n,
-                length_diff=diff,
+                chosen={k: s[:n, k] for k in range(s.shape[1])},
+                rejected={k: s[n:, k] for k in range(s.shape[1])},
             )
             for p, s in states.items()
         }
@@ -535,7 +563,6 @@ def fit_vectors_uncached(cached: Cached, recipe: Recipe, n_layers: int) -> dict[
     p = recipe.pooling
     harmful = torch.cat([cached.fit[n][p] for n in recipe.harmful])
     safe = torch.cat([cached.fit[n][p] for n in recipe.safe])
-    paired = len(harmful) == len(safe)
     vectors = {}
     for k in range(1, n_layers + 1):
         nuisance = nuisance_directions(cached, recipe, k)
@@ -543,7 +570,7 @@ def fit_vectors_uncached(cached: Cached, recipe: Recipe, n_layers: int) -> dict[
         s, h = safe[:, k].double(), harmful[:, k].double()
         if recipe.prefit and q is not None:
             s, h = s - (s @ q) @ q.T, h - (h @ q) @ q.T
-        v = direction_from_states(s, h, recipe.method, paired=paired).double()
+        v = direction_from_states(s, h, recipe.method).double()
         if q is not None:
             v = v - q @ (q.T @ v)
         vectors[k] = v.float()
@@ -566,14 +593,7 @@ def choose_layer(
         harmful = torch.cat([cached.fit[n][p] for n in recipe.harmful])
         safe = torch.cat([cached.fit[n][p] for n in recipe.safe])
         scores = {
-            k: layer_scores(
-                safe[:, k],
-                harmful[:, k],
-                recipe.method,
-                paired=len(safe) == len(harmful),
-                holdout=0.2,
-                seed=0,
-            )
+            k: layer_scores(safe[:, k], harmful[:, k], recipe.method, holdout=0.2, seed=0)
             for k in range(1, n_layers + 1)
         }
         cached.layers[key] = [max(scores, key=lambda k: (scores[k]["auc"], scores[k]["accuracy"], k))]
@@ -582,10 +602,10 @@ def choose_layer(
         cached.layers[key] = [max(range(1, n_layers + 1), key=lambda k: separation(cached, recipe, k))]
         return cached.layers[key]
     # Pair accuracy on the AdvBench and HarmBench dev pairs (refusal vs compliance, texts written for dev).
-    rvc = [i for i, g in enumerate(dev_pairs.groups) if g in ("advbench", "harmbench")]
+    rvc = [i for i, g in enumerate(dev_pairs.labels.groups) if g in ("advbench", "harmbench")]
     dev = score_layers(vectors, cached.dev[recipe.pooling].select(rvc), dev_pairs.select(rvc))
     ranked = sorted(
-        dev, key=lambda k: (dev[k]["all"]["pair_accuracy"], dev[k]["all"]["auc"], k), reverse=True
+        dev, key=lambda k: (dev[k]["all"]["pair_accuracy"], dev[k]["all"]["response_auc"], k), reverse=True
     )
     return ranked[: recipe.combine]
 
@@ -598,48 +618,48 @@ def separation(cached: Cached, recipe: Recipe, layer: int, holdout: float = 0.2)
     n = min(len(safe), len(harmful))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     test, train = order[: max(1, round(n * holdout))], order[max(1, round(n * holdout)) :]
-    u = unit(
-        direction_from_states(safe[train], harmful[train], recipe.method, paired=len(safe) == len(harmful))
-    )
+    u = unit(direction_from_states(safe[train], harmful[train], recipe.method))
     a, b = safe[test] @ u.double(), harmful[test] @ u.double()
     return float((a.mean() - b.mean()) / ((a.var() + b.var()) / 2).sqrt())
 
 
-DEV_COLUMNS = ("rvc_accuracy", "auc_harmful_prompts", "length_spearman", "length_spearman_rvc")
+DEV_COLUMNS = ("rvc_accuracy", "response_auc_harmful_prompts", "length_spearman", "length_spearman_rvc")
 
 
-def scores_row(
-    f: Sequence[float], s: Sequence[float], pairs: LabelledPairs, length_diff: Sequence[float]
-) -> dict[str, float]:
-    """The table's scores from per-response safety scores of both sides of every pair."""
-    groups = pairs.groups
+def scores_row(c: Sequence[float], r: Sequence[float], pairs: LabelledPairs) -> dict[str, float]:
+    """The table's scores from per-response safety scores of both sides (chosen, rejected) of every pair;
+    length differences are the labels' (response characters, chosen minus rejected)."""
+    labels = pairs.labels
+    groups = labels.groups
     main = [i for i, g in enumerate(groups) if is_main(g)]
     rvc = [
         i for i, g in enumerate(groups) if g in ("advbench", "harmbench", "preferences:refusal_vs_compliance")
     ]
     unsafe_prompts = [i for i in main if not groups[i].endswith("benign")]
 
-    def q(rows: list[int], metric: str) -> float:
-        return pair_quality(f, s, pairs, length_diff, rows=rows)[metric]
+    def q(rows: list[int], statistic: str) -> float:
+        return pair_statistics(c, r, labels, rows)[statistic]
 
     def grp(name: str) -> list[int]:
         return [i for i, g in enumerate(groups) if g == name]
 
     return {
         "rvc_accuracy": q(rvc, "pair_accuracy"),
-        "auc_harmful_prompts": q(unsafe_prompts, "auc"),
+        "response_auc_harmful_prompts": q(unsafe_prompts, "response_auc"),
         "length_spearman": q(main, "length_spearman"),
         "length_spearman_rvc": q(rvc, "length_spearman"),
         # Oriented so the safer response is first: does the safer side win by more when it is shorter?
         "length_spearman_rvc_oriented": spearman(
-            [(f[i] - s[i]) * (1 if pairs.first_is_safer[i] else -1) for i in rvc],
-            [length_diff[i] * (1 if pairs.first_is_safer[i] else -1) for i in rvc],
+            [(c[i] - r[i]) * (1 if labels.chosen_is_safer[i] else -1) for i in rvc],
+            [labels.length_diff[i] * (1 if labels.chosen_is_safer[i] else -1) for i in rvc],
         ),
         "severity_spearman": q(grp("preferences:unsafe_vs_unsafe"), "severity_spearman"),
         "advbench": q(grp("advbench"), "pair_accuracy"),
         "harmbench": q(grp("harmbench"), "pair_accuracy"),
         "preferences_rvc": q(grp("preferences:refusal_vs_compliance"), "pair_accuracy"),
-        "preferences_auc": q([i for i, g in enumerate(groups) if g.startswith("preferences")], "auc"),
+        "preferences_response_auc": q(
+            [i for i, g in enumerate(groups) if g.startswith("preferences")], "response_auc"
+        ),
         "unsafe_vs_unsafe": q(grp("preferences:unsafe_vs_unsafe"), "pair_accuracy"),
         "style_swap": q(grp("style_swap"), "pair_accuracy"),
         "xstest": q(grp("xstest"), "pair_accuracy"),
@@ -652,23 +672,23 @@ def label_row(cached: Cached, sets: Sets) -> dict[str, Any]:
     do, and the length correlation that the pair mix alone produces."""
 
     def labels(pairs: LabelledPairs) -> tuple[list[float], list[float]]:
-        f, s = [], []
-        for a, b, safer in zip(pairs.first_is_safe, pairs.second_is_safe, pairs.first_is_safer, strict=True):
+        c, r = [], []
+        for a, b, safer in zip(
+            pairs.labels.chosen_is_safe,
+            pairs.labels.rejected_is_safe,
+            pairs.labels.chosen_is_safer,
+            strict=True,
+        ):
             tie = 0.0 if a != b or safer is None else 0.5
-            f.append(float(bool(a)) + tie * bool(safer))
-            s.append(float(bool(b)) + tie * (not safer))
-        return f, s
+            c.append(float(bool(a)) + tie * bool(safer))
+            r.append(float(bool(b)) + tie * (not safer))
+        return c, r
 
-    dev = cached.dev["last"]
     return {
         "recipe": "reference: the labels as scores",
         "layer": "-",
-        **scores_row(*labels(sets.test), sets.test, cached.test["last"].length_diff),
-        **{
-            f"dev_{k}": v
-            for k, v in scores_row(*labels(sets.dev), sets.dev, dev.length_diff).items()
-            if k in DEV_COLUMNS
-        },
+        **scores_row(*labels(sets.test), sets.test),
+        **{f"dev_{k}": v for k, v in scores_row(*labels(sets.dev), sets.dev).items() if k in DEV_COLUMNS},
         "options": "",
     }
 
@@ -680,7 +700,7 @@ def recipe_scores(
     layers = choose_layer(cached, recipe, vectors, sets.dev, n_layers)
     states = cached.test[recipe.pooling]
     # The per-layer report (plot and table) covers the main test sets: AdvBench, HarmBench, preferences.
-    main_rows = [i for i, g in enumerate(sets.test.groups) if is_main(g)]
+    main_rows = [i for i, g in enumerate(sets.test.labels.groups) if is_main(g)]
     main_states = states.select(main_rows)
     per_layer = score_layers(vectors, main_states, subset(sets.test, is_main))
     report = QualityReport(scores=per_layer, layer=layers[0], direction={"recipe": recipe.name})
@@ -689,23 +709,23 @@ def recipe_scores(
     fit_all = torch.cat([cached.fit[n][p] for n in recipe.harmful + recipe.safe])
 
     def projections(pair_states: PairStates) -> tuple[list[float], list[float]]:
-        n = len(pair_states.length_diff)
-        first = torch.zeros(n, dtype=torch.float64)
-        second = torch.zeros(n, dtype=torch.float64)
+        n = len(pair_states)
+        chosen = torch.zeros(n, dtype=torch.float64)
+        rejected = torch.zeros(n, dtype=torch.float64)
         for k in layers:
             u = unit(vectors[k].double())
             scale = float((fit_all[:, k].double() @ u).std())
-            first += (pair_states.first[k].double() @ u) / scale
-            second += (pair_states.second[k].double() @ u) / scale
-        return first.tolist(), second.tolist()
+            chosen += (pair_states.chosen[k].double() @ u) / scale
+            rejected += (pair_states.rejected[k].double() @ u) / scale
+        return chosen.tolist(), rejected.tolist()
 
     row = {
         "recipe": recipe.name,
         "layer": "+".join(map(str, sorted(layers))),
-        **scores_row(*projections(states), sets.test, states.length_diff),
+        **scores_row(*projections(states), sets.test),
         **{
             f"dev_{k}": v
-            for k, v in scores_row(*projections(cached.dev[p]), sets.dev, cached.dev[p].length_diff).items()
+            for k, v in scores_row(*projections(cached.dev[p]), sets.dev).items()
             if k in DEV_COLUMNS
         },
         "options": recipe.options,
@@ -891,16 +911,17 @@ def package_recipe(model_path: str, max_length: int) -> Any:
     from legend_hf.recipes import fit_balanced
 
     groups, refusals, completions = default_fit_data()
-    return fit_balanced(model_path, groups, refusals, completions, max_length=max_length, device="cpu")
+    runtime = RuntimeOptions(device="cpu", max_length=max_length)
+    return fit_balanced(model_path, groups, refusals, completions, runtime=runtime)
 
 
 def shipped(sets: Sets, model_path: str, key: str, out: Path, max_length: int, path: Path | None) -> None:
     """Fit the recommended recipe from package data as a user would (or load ``path``), then score it on
-    the held-out test pairs with legend_hf.evaluation (one read of the texts, as evaluate_direction does):
-    the per-layer report and the grid's row for the direction's layer."""
+    the held-out test pairs through legend_hf.scoring.Scorer and legend_hf.stats (one read of the texts at
+    every layer, as evaluate_direction does): the per-layer report and the grid's row for the direction's
+    layer."""
     from legend_hf.direction import SafetyDirection
-    from legend_hf.evaluation import read_pair_states
-    from legend_hf.hidden_states import TextReader
+    from legend_hf.scoring import Scorer
 
     advbench = [json.loads(line) for line in (PACKAGE_DATA / "advbench_fit.jsonl").open()]
     if advbench != rows_of(sets.fit["adv_target"]):
@@ -912,33 +933,28 @@ def shipped(sets: Sets, model_path: str, key: str, out: Path, max_length: int, p
     else:
         direction = SafetyDirection.from_pretrained(path)
     fitted = time.perf_counter() - start
-    model, tokenizer = load_model(model_path, device="cpu")
-    direction.check_model(model)
-    reader = TextReader(
-        model,
-        tokenizer,
+    scorer = Scorer(
+        direction,
+        model_path,
+        # The grid's truncation (it matters for HH-RLHF dialogues only); each text read in full, as the
+        # grid's states are (a shared prompt's KV cache gives the same states within float noise).
+        runtime=RuntimeOptions(device="cpu", max_length=max_length, share_prompt=False),
         layers=sorted(direction.vectors),
-        pooling=direction.pooling,
-        template=TextTemplate.resolve(direction.template, tokenizer),
-        max_length=max_length,  # the grid's truncation (it matters for HH-RLHF dialogues only)
     )
-    states = read_pair_states(reader, sets.test)
+    per_layer = scorer.pair_scores(sets.test.chosen, sets.test.rejected)
     report = QualityReport(
-        scores=score_layers(direction.vectors, states, sets.test),
+        scores={
+            layer: group_statistics(s.chosen.tolist(), s.rejected.tolist(), sets.test.labels)
+            for layer, s in per_layer.items()
+        },
         layer=direction.layer,
         direction={
             "recipe": direction.fit_data.get("description", ""),
             "fingerprint": direction.fingerprint(),
         },
     )
-    u = direction.unit.double()
     k = direction.layer
-    row = scores_row(
-        (states.first[k].double() @ u).tolist(),
-        (states.second[k].double() @ u).tolist(),
-        sets.test,
-        states.length_diff,
-    )
+    row = scores_row(per_layer[k].chosen.tolist(), per_layer[k].rejected.tolist(), sets.test)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shipped.json").write_text(json.dumps({"row": row, "report": report.to_dict()}, indent=1) + "\n")
     (out / "shipped.md").write_text(
@@ -947,9 +963,7 @@ def shipped(sets: Sets, model_path: str, key: str, out: Path, max_length: int, p
         + report.to_markdown()
         + "\n"
     )
-    plot_layer_scores(
-        report, out / "layers-shipped.png", title=f"{key}: recommended recipe (held-out test pairs)"
-    )
+    report.plot(out / "layers-shipped.png", title=f"{key}: recommended recipe (held-out test pairs)")
     print(
         f"fitted/loaded in {fitted:.0f} s, evaluated in {time.perf_counter() - start - fitted:.0f} s; layer "
         f"{k}\n{markdown_table([{'recipe': 'packaged', 'layer': str(k), **row}])}\n{report.to_markdown()}"
@@ -968,7 +982,7 @@ COLUMNS = [
     ("recipe", "recipe"),
     ("layer", "layer"),
     ("rvc_accuracy", "refusal-vs-compliance acc"),
-    ("auc_harmful_prompts", "AUC (harmful prompts)"),
+    ("response_auc_harmful_prompts", "response AUC (harmful prompts)"),
     ("length_spearman", "ρ(margin, len diff)"),
     ("length_spearman_rvc", "ρ len, rvc pairs"),
     ("advbench", "AdvBench"),
@@ -980,7 +994,7 @@ COLUMNS = [
     ("xstest", "XSTest contrast"),
     ("hh_harmless", "HH harmless"),
     ("dev_rvc_accuracy", "dev acc"),
-    ("dev_auc_harmful_prompts", "dev AUC"),
+    ("dev_response_auc_harmful_prompts", "dev response AUC"),
     ("dev_length_spearman", "dev ρ len"),
     ("dev_length_spearman_rvc", "dev ρ len, rvc"),
 ]
@@ -1033,7 +1047,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--shipped",
         action="store_true",
         help="instead of the grid: fit the recommended recipe from package data with the public API "
-        "(balanced_harmless, fit_direction, remove_length), save it and score it on the test pairs",
+        "(balanced_harmless, fit_direction, remove_length), save it and score it on the test pairs; writes "
+        "shipped.json, shipped.md and layers-shipped.png, and the fitted direction/, into --out",
     )
     parser.add_argument(
         "--direction",
@@ -1068,7 +1083,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.shipped:
         shipped(sets, path, key, args.out, args.max_length, args.direction)
         return
-    model, tokenizer = load_model(path, device="cpu")
+    model, tokenizer = load_model(path, runtime=RuntimeOptions(device="cpu"))
     n_layers = num_layers(model)
     templates = (
         args.templates.split(",")
@@ -1083,7 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "dev_pairs": len(sets.dev),
             "test_pairs": len(sets.test),
         },
-        "test_groups": {g: sets.test.groups.count(g) for g in sorted(set(sets.test.groups))},
+        "test_groups": {g: sets.test.labels.groups.count(g) for g in sorted(set(sets.test.labels.groups))},
         "tables": {},
     }
     markdown = []
@@ -1113,8 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows.append(row)
             if recipe.name.startswith("paper:") or recipe.name == RECOMMENDED.get(key):
                 slug = "paper" if recipe.name.startswith("paper:") else "recommended"
-                plot_layer_scores(
-                    report,
+                report.plot(
                     args.out / f"layers-{template_kind}-{slug}.png",
                     title=f"{key} / {template_kind}: {recipe.name}",
                 )

@@ -23,7 +23,7 @@ import torch
 from datasets import Dataset
 
 import legend_hf
-from legend_hf import MarginAnnotator, SafetyDirection
+from legend_hf import MarginAnnotator, RuntimeOptions, SafetyDirection
 from legend_hf.models import smollm2_path
 
 DATA = Path(legend_hf.__file__).parent / "data"
@@ -56,7 +56,7 @@ def main() -> None:
     rows = [json.loads(line) for line in (DATA / "sample_preferences.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list(rows[: args.pairs]).select_columns(["prompt", "chosen", "rejected"])
     direction = SafetyDirection.from_pretrained(DATA / "smv-smollm2")
-    annotator = MarginAnnotator(direction, model=str(smollm2_path()), dtype="float32")
+    annotator = MarginAnnotator(direction, str(smollm2_path()), runtime=RuntimeOptions(dtype="float32"))
     annotator(dataset[:4])  # warm-up (the parent has run the model before forking, as in real use)
     threads = torch.get_num_threads()
     settings = {

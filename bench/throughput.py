@@ -13,9 +13,9 @@ On the same pairs and machine, each measurement in its own subprocess (so peak R
 2. ``raw forward``: the bare base model (``model.model``, no LM head), the dtype of the legend-hf row it is
    compared with, the same texts, no extra outputs; one text at a time and length-sorted batches
    (``--raw-batch-sizes``), the faster counts. Always the full forward, also for mid-depth directions.
-3. ``legend-hf``: ``Dataset.map(MarginAnnotator(direction, model, dtype=...), batched=True)`` (``--no-datasets``:
-   the annotator called on dict batches), direction fitted once beforehand (untimed, ``template="alpaca"``)
-   at the last layer and at mid depth.
+3. ``legend-hf``: ``Dataset.map(MarginAnnotator(direction, model, runtime=RuntimeOptions(dtype=...)),
+   batched=True)`` (``--no-datasets``: the annotator called on dict batches), direction fitted once beforehand
+   (untimed, ``template="alpaca"``) at the last layer and at mid depth.
 
 Pairs: the first ``--pairs`` HH-RLHF dialogues (prompt = everything up to the last "\\n\\nAssistant:"), and an
 evenly spaced subset of the shipped ``legend_hf/data/sample_preferences.jsonl``. Models: SmolLM2-135M-Instruct
@@ -28,7 +28,6 @@ the same number for every row, so it is the work done, not the work avoided by p
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -104,7 +103,7 @@ def pair_texts(rows: Sequence[Row]) -> list[str]:
 
 
 def context_limit(model: Any, tokenizer: Any) -> int:
-    from legend_hf.hidden_states import context_length
+    from legend_hf.models import context_length
 
     return context_length(model, tokenizer)
 
@@ -183,7 +182,7 @@ def worker_build(spec: Row) -> Row:
 
 def worker_fit(spec: Row) -> Row:
     """Fit the direction at the last layer and at mid depth in one pass (fp32, Alpaca template); untimed."""
-    from legend_hf import fit_direction
+    from legend_hf import RuntimeOptions, fit_direction
 
     rows = [json.loads(line) for line in (PACKAGE_DATA / "fit_harmful.jsonl").read_text().splitlines()]
     direction = fit_direction(
@@ -191,8 +190,7 @@ def worker_fit(spec: Row) -> Row:
         rows[: spec["fit_rows"]],
         layer=[spec["mid_layer"], -1],
         template="alpaca",
-        device=spec["device"],
-        dtype="float32",
+        runtime=RuntimeOptions(device=spec["device"], dtype="float32"),
     )
     direction.select_layer(-1).save_pretrained(spec["path"], card=False)
     return {
@@ -293,23 +291,24 @@ def worker_raw(spec: Row) -> Row:
 
 
 def annotator_options(requested: Row) -> tuple[Row, list[str]]:
-    """The options this version of ``MarginAnnotator`` accepts (the core gains levers over time)."""
-    from legend_hf import MarginAnnotator
+    """The ``RuntimeOptions`` fields this version of legend-hf has (the core gains levers over time)."""
+    from dataclasses import fields
 
-    accepted = inspect.signature(MarginAnnotator.__init__).parameters
-    return {k: v for k, v in requested.items() if k in accepted}, sorted(set(requested) - set(accepted))
+    from legend_hf import RuntimeOptions
+
+    accepted = {f.name for f in fields(RuntimeOptions)}
+    return {k: v for k, v in requested.items() if k in accepted}, sorted(set(requested) - accepted)
 
 
 def worker_legend(spec: Row) -> Row:
     """legend-hf as a user runs it: ``Dataset.map(MarginAnnotator(...), batched=True)``."""
-    from legend_hf import MarginAnnotator, SafetyDirection
+    from legend_hf import MarginAnnotator, RuntimeOptions, SafetyDirection
 
     device = spec["device"]
     direction = SafetyDirection.from_pretrained(spec["direction"]).select_layer(spec["layer"])
     options, unsupported = annotator_options(spec["options"])
-    annotator = MarginAnnotator(
-        direction, spec["model"], dtype=spec["dtype"], device=device, check_model_id=False, **options
-    )
+    runtime = RuntimeOptions(dtype=spec["dtype"], device=device, check_model_id=False, **options)
+    annotator = MarginAnnotator(direction, spec["model"], runtime=runtime)
     rows = spec["rows"]
     columns = list(rows[0])
     annotator({c: [rows[0][c]] for c in columns})  # warm-up, as the reference and raw rows get
@@ -335,11 +334,13 @@ def worker_legend(spec: Row) -> Row:
 
     rss_before = current_rss()
     seconds, cpu, margins = best_of(run, spec["repeats"], device)
-    settings = {
-        k: getattr(annotator, k) for k in ("max_tokens_per_batch", "batch_size") if hasattr(annotator, k)
+    # The batching options as requested (max_batch_size None: the device's default), and whether the
+    # prompt was actually shared (encoders never share one).
+    settings: Row = {
+        "max_tokens_per_batch": runtime.max_tokens_per_batch,
+        "max_batch_size": runtime.max_batch_size,
+        "share_prompt": annotator.scorer.load().share_prompt,
     }
-    reader = annotator._reader  # what the annotator actually did: encoders never share a prompt
-    settings["share_prompt"] = getattr(reader, "share_prompt", False)
     return {
         "seconds": seconds,
         "cpu_seconds": cpu,
@@ -436,7 +437,7 @@ def resolve_models(args: argparse.Namespace, workdir: Path) -> dict[str, Path]:
 
 
 def fidelity(margins: Sequence[float], reference: Sequence[float]) -> Row:
-    from legend_hf.evaluation import spearman
+    from legend_hf.stats import spearman
 
     agree = sum((a > 0) == (b > 0) for a, b in zip(margins, reference, strict=True)) / len(reference)
     spread = max(reference) - min(reference)
@@ -460,7 +461,7 @@ def legend_variants(args: argparse.Namespace, num_layers: int, mid: int, decoder
     if budgets:
         base["max_tokens_per_batch"] = budgets[0]
     if args.annotator_batch_size:
-        base["batch_size"] = args.annotator_batch_size
+        base["max_batch_size"] = args.annotator_batch_size
     variants = []
     for dtype in args.dtypes:
         for layer in (num_layers, mid):
@@ -733,9 +734,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--map-batch-size", type=int, default=64, help="Dataset.map batch_size")
     parser.add_argument(
         "--max-tokens-per-batch",
-        help="MarginAnnotator option (default: its own); a comma list adds last-layer rows for the others",
+        help="RuntimeOptions(max_tokens_per_batch=...) for the annotator (default: its own); a comma list "
+        "adds last-layer rows for the others",
     )
-    parser.add_argument("--annotator-batch-size", type=int, help="MarginAnnotator batch_size= (row cap)")
+    parser.add_argument(
+        "--annotator-batch-size",
+        type=int,
+        help="RuntimeOptions(max_batch_size=...) for the annotator: texts (pairs) per forward at most",
+    )
     parser.add_argument(
         "--ablate",
         action="store_true",

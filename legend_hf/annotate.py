@@ -15,12 +15,36 @@ from typing import Any
 from torch import nn
 
 from .direction import SafetyDirection
-from .formatting import pair_conversations
+from .formatting import pair_conversations, schema_hint
 from .options import RuntimeOptions, runtime_options
 from .provenance import AnnotationRecord, MarginScale, annotated_features, read_record
 from .scoring import Scorer
 
 BASE_COLUMNS = ["margin", "chosen_safety", "rejected_safety", "truncated"]
+
+
+def check_columns(
+    column_names: Sequence[str],
+    columns: tuple[str, str, str] = ("prompt", "chosen", "rejected"),
+    new_columns: Sequence[str] = BASE_COLUMNS,
+) -> None:
+    """Raise when a text column (prompt, chosen, rejected) is missing, saying what the data looks like, or
+    when a column the annotation adds is already there. The default prompt column may be absent: the
+    responses then hold their prompt (HH-RLHF dialogues, message lists)."""
+    prompt, chosen, rejected = columns
+    missing = [c for c in (chosen, rejected) if c not in column_names]
+    if prompt != "prompt" and prompt not in column_names:
+        missing.insert(0, prompt)
+    if missing:
+        raise KeyError(
+            f"column(s) {missing} not found; the dataset has {list(column_names)}: {schema_hint(column_names)}"
+        )
+    clash = [c for c in new_columns if c in column_names]
+    if clash:
+        raise ValueError(
+            f"the dataset already has column(s) {clash}: it looks annotated already; remove them "
+            "(dataset.remove_columns) to annotate again, or use scale_margins to rescale"
+        )
 
 
 class MarginAnnotator:
@@ -89,20 +113,8 @@ class MarginAnnotator:
         return annotated_features(features, self.new_columns, self.record())
 
     def check_columns(self, column_names: Sequence[str]) -> None:
-        """Raise, before any compute, when a response column is missing or a new column already exists."""
-        prompt, chosen, rejected = self.columns
-        for column in (chosen, rejected):
-            if column not in column_names:
-                raise KeyError(
-                    f"column {column!r} not found; the dataset has {sorted(column_names)} "
-                    "(set chosen_column=/rejected_column=)"
-                )
-        clash = [c for c in self.new_columns if c in column_names]
-        if clash:
-            raise ValueError(
-                f"the dataset already has column(s) {clash}: it looks annotated already; remove them "
-                "(dataset.remove_columns) to annotate again, or use scale_margins to rescale"
-            )
+        """Raise, before any compute, when a text column is missing or a new column already exists."""
+        check_columns(column_names, self.columns, self.new_columns)
 
     def __call__(
         self, batch: dict[str, list[Any]], indices: list[int] | int | None = None, rank: int | None = None
@@ -165,6 +177,9 @@ def annotate_margins(
     from datasets import Dataset
 
     runtime = runtime_options(runtime, deprecated, "annotate_margins")
+    MarginScale.check(
+        scale=scale, target_std=target_std, clip=clip, bins=bins, levels=levels
+    )  # before the work
     columns: dict[str, Any] = dict(
         prompt_column=prompt_column, chosen_column=chosen_column, rejected_column=rejected_column
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .formatting import InputError
+from .hub import HubLookupError, looks_local
 
 PACKAGE_DIR = Path(__file__).parent
 DATA_DIR = PACKAGE_DIR / "data"
@@ -23,7 +24,6 @@ SAFE_COMPLETIONS = DATA_DIR / "safe_completions.json"
 ADVBENCH_FIT = DATA_DIR / "advbench_fit.jsonl"
 DEFAULT_DIRECTION = DATA_DIR / "smv-smollm2"
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
-OUTPUT_FORMATS = ("parquet", "jsonl")
 PKU_COLUMNS = ("response_0", "response_1")
 
 
@@ -67,24 +67,23 @@ def load_data(
     elif path.is_dir() and (path / "state.json").is_file():
         loaded = datasets.load_from_disk(str(path))
         dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    elif path.is_dir() or _looks_local(str(source)):
+    elif path.is_dir() or looks_local(source):
         if not path.exists():
             raise FileNotFoundError(f"{source}: no such file or folder")
         dataset = datasets.load_dataset(str(path), name=name, split=split)
     else:
-        dataset = datasets.load_dataset(str(source), name=name, split=split, revision=revision)
+        try:
+            dataset = datasets.load_dataset(str(source), name=name, split=split, revision=revision)
+        except ConnectionError as e:
+            raise HubLookupError(
+                f"dataset {source!r}"
+                + (f" at revision {revision!r}" if revision else "")
+                + f": {e}; check the "
+                "id, load it once online (it is cached for offline use), or pass a local file"
+            ) from e
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset
-
-
-def _looks_local(source: str) -> bool:
-    """A path the user meant as a file (an extension, a leading ./ or /, more than one slash)."""
-    return (
-        Path(source).suffix.lower() in FILE_BUILDERS
-        or source.startswith((".", "/", "~"))
-        or source.count("/") > 1
-    )
 
 
 def write_dataset(dataset: Any, path: str | os.PathLike[str]) -> Path:

@@ -444,6 +444,8 @@ def load_metric(direction: Any, config_name: str = "pairs", **kwargs: Any) -> An
     ``evaluate.load`` of the metric folder that ships with the package. ``config_name`` is ``pairs``,
     ``labelled_pairs``, ``responses`` or ``labelled_responses``; ``kwargs`` go to the metric (``model``,
     ``runtime``...) and to ``evaluate.load`` (``cache_dir``, ``num_process``...)."""
-    import evaluate
-
+    try:
+        import evaluate
+    except ImportError as e:
+        raise ImportError("the legend_margin metric needs evaluate: pip install 'legend-hf[metric]'") from e
     return evaluate.load(str(METRIC_DIR), config_name, direction=direction, **kwargs)

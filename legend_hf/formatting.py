@@ -138,6 +138,25 @@ def pair_conversations(
     return out
 
 
+def schema_hint(columns: Sequence[str]) -> str:
+    """What to do with data that lacks the response columns, going by the schema its columns look like."""
+    have = set(columns)
+    if {"response_0", "response_1", "safer_response_id"} <= have:
+        return (
+            "it looks like PKU-SafeRLHF's raw schema: convert it with legend_hf.pku_saferlhf_to_pairs "
+            "(CLI: --pku_saferlhf)"
+        )
+    if {"response_j", "response_k"} <= have:
+        return "set chosen_column='response_j', rejected_column='response_k' (CLI: --chosen_column/--rejected_column)"
+    if {"completion", "label"} <= have:
+        return "it looks like TRL's unpaired preference format (completion/label): margins need chosen/rejected pairs"
+    if "messages" in have or have == {"text"}:
+        return "it looks like SFT or language-modelling data: margins need preference pairs (chosen/rejected)"
+    return (
+        "set chosen_column=/rejected_column= (CLI: --chosen_column/--rejected_column) to the response columns"
+    )
+
+
 def messages_to_text(messages: list[Message]) -> str:
     """A single user turn is its content; a longer conversation is written HH-RLHF style."""
     if len(messages) == 1 and messages[0]["role"] == "user":

@@ -19,7 +19,7 @@ from torch import nn
 
 from .formatting import ALPACA_TEMPLATE, InputError, Message, messages_to_text
 from .hub import public_name
-from .models import resolve_device, resolve_model
+from .models import load_model
 from .options import RuntimeOptions, runtime_options
 
 GENERATION_KEY = "legend_hf_generation"
@@ -90,30 +90,10 @@ def load_generator(
     model: str | os.PathLike[str] | nn.Module, tokenizer: Any = None, runtime: RuntimeOptions | None = None
 ) -> tuple[nn.Module, Any]:
     """A causal LM (with its LM head) and its tokenizer, set up for left-padded batched generation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    runtime = runtime or RuntimeOptions()
-    options: dict[str, Any] = {
-        "revision": runtime.model_revision,
-        "trust_remote_code": runtime.trust_remote_code,
-    }
-    if isinstance(model, nn.Module):
-        lm = model
-        name = getattr(model.config, "_name_or_path", "")
-        if tokenizer is None and not name:
-            raise ValueError("pass tokenizer= with a model object that has no name_or_path")
-        tokenizer = tokenizer if tokenizer is not None else name
-    else:
-        path = resolve_model(model, runtime.model_revision)
-        dtype = getattr(torch, runtime.dtype) if runtime.dtype else torch.float32
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
-        tokenizer = tokenizer if tokenizer is not None else path
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), **options)
+    lm, tokenizer = load_model(model, tokenizer, runtime, lm_head=True)
     tokenizer.padding_side = "left"  # generation continues the last token of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = lm.to(resolve_device(runtime.device)).eval()
     return lm, tokenizer
 
 

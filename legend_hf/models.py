@@ -111,13 +111,15 @@ def load_model(
     model: str | os.PathLike[str] | nn.Module,
     tokenizer: Any = None,
     runtime: RuntimeOptions | None = None,
+    *,
+    lm_head: bool = False,
 ) -> tuple[nn.Module, Any]:
     """The base model (no LM head) and its tokenizer, from a Hub id, a local folder or a loaded model.
 
-    A ``*ForCausalLM`` is reduced to its base model so the LM head never runs; ``runtime`` sets the
-    device, dtype, revision and ``trust_remote_code``.
+    A ``*ForCausalLM`` is reduced to its base model so the LM head never runs (``lm_head=True`` keeps a
+    causal LM whole, for generation); ``runtime`` sets the device, dtype, revision and ``trust_remote_code``.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     runtime = runtime or RuntimeOptions()
     dtype = getattr(torch, runtime.dtype) if runtime.dtype else None
@@ -136,14 +138,15 @@ def load_model(
             "revision": runtime.model_revision,
             "trust_remote_code": runtime.trust_remote_code,
         }
-        loaded = AutoModel.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+        auto = AutoModelForCausalLM if lm_head else AutoModel
+        loaded = auto.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
         if path != str(model):  # the offline copy of the default annotator: record its Hub id
             loaded.config._name_or_path = str(model)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=runtime.trust_remote_code)
-    base = getattr(loaded, "base_model", loaded)
+    base = loaded if lm_head else getattr(loaded, "base_model", loaded)
     if dtype is not None:
         base = base.to(dtype=dtype)
     return base.to(resolve_device(runtime.device)).eval(), tokenizer

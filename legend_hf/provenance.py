@@ -97,24 +97,45 @@ class MarginScale:
         """The scale of a whole dataset's raw margins: ``scale="standardize"`` divides by their standard
         deviation and multiplies by ``target_std`` (signs kept), a number multiplies; ``bins`` places the
         edges (0 and equal-frequency quantiles of the positive scaled margins)."""
+        cls.check(scale=scale, target_std=target_std, clip=clip, bins=bins, levels=levels)
         values = np.asarray(raw, dtype=np.float64)
         if scale == "standardize":
             std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
             factor = target_std / std if std > 0 else 1.0
-        elif scale is None or isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            factor = 1.0 if scale is None else float(scale)
         else:
-            raise ValueError(f"scale must be None, 'standardize' or a number, got {scale!r}")
+            factor = 1.0 if scale is None else float(scale)
         edges = None
         if bins is not None:
-            if not isinstance(bins, int) or bins < 2:
-                raise ValueError(f"bins must be an integer of at least 2, got {bins!r}")
             scaled = np.asarray(cls(factor, clip).apply(values)["margin"])
             positive = scaled[scaled > 0]
             quantiles = np.arange(1, bins - 1) / (bins - 1)
             inner = np.quantile(positive, quantiles).tolist() if len(positive) else [0.0] * (bins - 2)
             edges = (0.0, *inner)
         return cls(factor, clip, edges, None if levels is None else tuple(levels))
+
+    @staticmethod
+    def check(
+        *,
+        scale: str | float | None = None,
+        target_std: float = 1.0,
+        clip: tuple[float | None, float | None] | None = None,
+        bins: int | None = None,
+        levels: Sequence[float] | None = None,
+    ) -> None:
+        """Raise ``ValueError`` for settings :meth:`fit` cannot use (checked before any margin is computed)."""
+        if scale not in (None, "standardize") and (
+            isinstance(scale, bool) or not isinstance(scale, (int, float))
+        ):
+            raise ValueError(f"scale must be None, 'standardize' or a number, got {scale!r}")
+        if not target_std > 0:
+            raise ValueError(f"target_std must be positive, got {target_std!r}")
+        low, high = clip if clip is not None and len(clip) == 2 else (None, None)
+        if clip is not None and (len(clip) != 2 or low is not None and high is not None and low > high):
+            raise ValueError(f"clip must be (low, high) with low <= high (either may be None), got {clip!r}")
+        if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 2):
+            raise ValueError(f"bins must be an integer of at least 2, got {bins!r}")
+        if levels is not None and (bins is None or len(levels) != bins):
+            raise ValueError(f"levels need bins, one level per bin: got {len(levels)} levels for bins={bins}")
 
     def record_fields(self, target_std: float | None = None) -> dict[str, Any]:
         """The :class:`AnnotationRecord` fields that describe this scale (``target_std``: it standardises)."""

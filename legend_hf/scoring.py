@@ -22,7 +22,7 @@ from torch import nn
 from .direction import SafetyDirection
 from .formatting import Conversation, TextTemplate
 from .hidden_states import TextReader
-from .hub import public_name
+from .hub import HubLookupError, public_name
 from .models import load_model, normalize_layer, resolve_device
 from .options import RuntimeOptions
 
@@ -127,7 +127,15 @@ class Scorer:
             runtime = replace(runtime, device=f"cuda:{rank % torch.cuda.device_count()}")
         if rank is not None and resolve_device(runtime.device).type == "cpu":
             torch.set_num_threads(1)
-        model, tokenizer = load_model(self.model_ref, self.tokenizer_ref, runtime)
+        try:
+            model, tokenizer = load_model(self.model_ref, self.tokenizer_ref, runtime)
+        except OSError as e:
+            if self.model_ref != self.direction.model_id:
+                raise
+            raise HubLookupError(
+                f"cannot load the direction's annotator model {self.model_ref!r} ({' '.join(str(e).split())}): "
+                "pass model= (CLI: --model) a local copy of it"
+            ) from e
         self.direction.check_model(model, check_model_id=runtime.check_model_id)
         self._reader = TextReader(
             model,
@@ -173,17 +181,11 @@ class Scorer:
         """:class:`PairScores` at the direction's layer."""
         return self.pair_scores(chosen, rejected, rank=rank)[self.direction.layer]
 
-    def response_scores(
-        self, conversations: Sequence[Conversation], *, rank: int | None = None
-    ) -> dict[int, ResponseScores]:
-        """:class:`ResponseScores` at every layer of the scorer."""
-        if not conversations:
-            return {k: ResponseScores(torch.zeros(0, dtype=torch.float64), []) for k in self.layers}
-        states, truncated = self.load(rank).read(conversations)
-        return {k: ResponseScores(s, truncated) for k, s in self._scores(states, truncated).items()}
-
     def score_responses(
         self, conversations: Sequence[Conversation], *, rank: int | None = None
     ) -> ResponseScores:
-        """:class:`ResponseScores` at the direction's layer."""
-        return self.response_scores(conversations, rank=rank)[self.direction.layer]
+        """:class:`ResponseScores` of single (prompt messages, response) texts at the direction's layer."""
+        if not conversations:
+            return ResponseScores(torch.zeros(0, dtype=torch.float64), [])
+        states, truncated = self.load(rank).read(conversations)
+        return ResponseScores(self._scores(states, truncated)[self.direction.layer], truncated)

@@ -32,7 +32,7 @@ from typing import Any, Literal, cast
 from transformers import HfArgumentParser
 
 from legend_hf import RuntimeOptions
-from legend_hf.cli.arguments import CommonArguments, FitArguments, InputArguments
+from legend_hf.cli.arguments import CommonArguments, FitArguments, HubArguments, InputArguments
 from legend_hf.cli.commands import run_fit
 from legend_hf.data_io import DEFAULT_DIRECTION, FIT_HARMFUL, REFUSALS
 from legend_hf.models import DEFAULT_MODEL_ID
@@ -70,7 +70,7 @@ class DefaultFitArguments(FitArguments):
     output_dir: str = field(default=str(DEFAULT_DIRECTION), metadata={"help": "artifact folder to write"})
 
 
-def run_balanced(args: DefaultFitArguments, runtime: RuntimeOptions) -> int:
+def run_balanced(args: DefaultFitArguments, runtime: RuntimeOptions, hub: HubArguments) -> int:
     """The recommended recipe from package data (bench/quality.py ``package_recipe`` is the same)."""
     from legend_hf.data_io import default_fit_data
     from legend_hf.recipes import fit_balanced
@@ -85,23 +85,28 @@ def run_balanced(args: DefaultFitArguments, runtime: RuntimeOptions) -> int:
         description=args.description or BALANCED_DESCRIPTION,
         model_id=args.model_id,
     )
-    folder = direction.save_pretrained(args.output_dir, repo_id=args.push_to_hub)
+    folder = direction.save_pretrained(args.output_dir, repo_id=hub.push_to_hub)
     print(f"wrote {folder} (layer {direction.layer}, fingerprint {direction.fingerprint()})")
+    if hub.push_to_hub:
+        commit = direction.push_to_hub(
+            hub.push_to_hub, private=hub.private or None, revision=hub.hub_revision
+        )
+        print(f"pushed {commit.pr_url or commit.commit_url}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(
-        cast(Any, (DefaultFitArguments, InputArguments, RuntimeOptions, CommonArguments)),
+        cast(Any, (DefaultFitArguments, InputArguments, RuntimeOptions, HubArguments, CommonArguments)),
         description=__doc__,
     )
-    args, data, runtime, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    args, data, runtime, hub, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     if args.recipe == "balanced":
-        return run_balanced(args, runtime)
+        return run_balanced(args, runtime, hub)
     if args.refusals and args.refusals_file == str(REFUSALS):
         args.refusals_file = None  # explicit --refusals replace the shipped file
     args.description = args.description or DESCRIPTION
-    return run_fit(args, data, runtime)
+    return run_fit(args, data, runtime, hub)
 
 
 if __name__ == "__main__":

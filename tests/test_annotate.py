@@ -288,10 +288,36 @@ def test_bad_value_inside_map_names_the_dataset_row(llama_direction):
 
 
 def test_missing_column_is_named(llama_direction, pairs):
-    with pytest.raises(KeyError, match="column 'rejected' not found"):
+    with pytest.raises(KeyError, match=r"column\(s\) \['rejected'\] not found"):
         annotate_margins(pairs.remove_columns("rejected"), llama_direction)
-    with pytest.raises(KeyError, match="column 'answer_b' not found"):
+    with pytest.raises(KeyError, match=r"\['answer_b'\] not found"):
         annotate_margins(pairs, llama_direction, rejected_column="answer_b")
+    with pytest.raises(KeyError, match=r"\['question'\] not found"):  # a named prompt column must exist
+        annotate_margins(pairs, llama_direction, prompt_column="question")
+
+
+@pytest.mark.parametrize(
+    ("columns", "hint"),
+    [
+        (["prompt", "response_0", "response_1", "safer_response_id"], "legend_hf.pku_saferlhf_to_pairs"),
+        (["question", "response_j", "response_k"], "chosen_column='response_j'"),
+        (["prompt", "completion", "label"], "unpaired preference format"),
+        (["messages"], "SFT or language-modelling data"),
+    ],
+)
+def test_a_known_schema_names_the_converter_or_option(llama_direction, columns, hint):
+    data = Dataset.from_dict({c: ["x"] if c != "safer_response_id" else [0] for c in columns})
+    with pytest.raises(KeyError, match=hint):
+        annotate_margins(data, llama_direction)
+    with pytest.raises(KeyError, match=hint):
+        data.map(MarginAnnotator(llama_direction), batched=True)
+
+
+def test_scaling_options_are_checked_before_any_work(llama_direction, pairs, monkeypatch):
+    monkeypatch.setattr(Dataset, "map", None)  # any annotation would fail
+    for bad in ({"bins": 1}, {"scale": "huge"}, {"levels": [0, 1]}, {"clip": (1.0, 0.0)}, {"target_std": 0}):
+        with pytest.raises(ValueError):
+            annotate_margins(pairs, llama_direction, **bad)
 
 
 def test_not_batched_is_a_clear_error(llama_direction, pairs):

@@ -31,6 +31,7 @@ from .arguments import (
     CommonArguments,
     FitArguments,
     GenerateArguments,
+    HubArguments,
     InputArguments,
     ReportArguments,
 )
@@ -43,8 +44,8 @@ EPILOG = (
 )
 OPTIONS: dict[str, tuple[type, ...]] = {
     "generate": (GenerateArguments, InputArguments, RuntimeOptions, CommonArguments),
-    "fit": (FitArguments, InputArguments, RuntimeOptions, CommonArguments),
-    "annotate": (AnnotateArguments, InputArguments, RuntimeOptions, CommonArguments),
+    "fit": (FitArguments, InputArguments, RuntimeOptions, HubArguments, CommonArguments),
+    "annotate": (AnnotateArguments, InputArguments, RuntimeOptions, HubArguments, CommonArguments),
     "report": (ReportArguments, InputArguments, CommonArguments),
 }
 # Errors about the user's input (exit 3), by class name where the class lives in an optional package.
@@ -107,17 +108,21 @@ def parse(argv: Sequence[str]) -> tuple[str | None, tuple[Any, ...]]:
         names = {f.name for f in dataclasses.fields(dtype) if f.init}
         try:
             instances.append(dtype(**{k: v for k, v in values.items() if k in names}))
-        except ValueError as e:  # RuntimeOptions checks its values
+        except ValueError as e:  # RuntimeOptions and HubArguments check their values
             commands[namespace.command].error(str(e))
     return namespace.command, tuple(instances)
 
 
 def _quiet_libraries() -> None:
     """Keep the terminal to our summary and progress bars: library warnings become one line each."""
+    import datasets
+    import huggingface_hub
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()  # e.g. one line per network retry, printed twice
+    datasets.logging.set_verbosity_error()
 
     def one_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
         print(f"legend-hf: warning: {message}", file=sys.stderr)

@@ -34,6 +34,29 @@ class InputArguments:
 
 
 @dataclass
+class HubArguments:
+    """Where ``fit`` (the direction artifact) and ``annotate`` (the data and its card) push their result."""
+
+    _argument_group_name = "the Hub"
+    push_to_hub: str | None = field(
+        default=None,
+        metadata=_help(
+            "also push the result to this Hub repo id (a model repo for fit, a dataset repo for annotate)"
+        ),
+    )
+    hub_revision: str | None = field(
+        default=None,
+        metadata=_help("with --push_to_hub: the branch to push to (created if it does not exist)"),
+    )
+    create_pr: bool = field(default=False, metadata=_help("with --push_to_hub: open a pull request"))
+    private: bool = field(default=False, metadata=_help("create the Hub repo as private"))
+
+    def __post_init__(self) -> None:
+        if (self.hub_revision or self.create_pr) and not self.push_to_hub:
+            raise ValueError("--hub_revision and --create_pr need --push_to_hub")
+
+
+@dataclass
 class CommonArguments:
     _argument_group_name = "general"
     debug: bool = field(default=False, metadata=_help("show tracebacks and library logs"))
@@ -153,15 +176,6 @@ class FitArguments:
     output_dir: str = field(
         default=str(OUTPUT_ROOT / "direction"), metadata=_help("artifact folder to write")
     )
-    push_to_hub: str | None = field(
-        default=None, metadata=_help("also push the artifact to this Hub repo id")
-    )
-    hub_revision: str | None = field(
-        default=None,
-        metadata=_help("with --push_to_hub: the branch to push to (created if it does not exist)"),
-    )
-    create_pr: bool = field(default=False, metadata=_help("with --push_to_hub: open a pull request"))
-    private: bool = field(default=False, metadata=_help("create the Hub repo as private"))
 
 
 @dataclass
@@ -276,15 +290,6 @@ class AnnotateArguments:
             "license of the annotated data for its card (the source's; default: read from the source)"
         ),
     )
-    push_to_hub: str | None = field(
-        default=None, metadata=_help("also push data and card to this Hub dataset repo")
-    )
-    hub_revision: str | None = field(
-        default=None,
-        metadata=_help("with --push_to_hub: the branch to push to (created if it does not exist)"),
-    )
-    create_pr: bool = field(default=False, metadata=_help("with --push_to_hub: open a pull request"))
-    private: bool = field(default=False, metadata=_help("create the Hub repo as private"))
 
 
 @dataclass

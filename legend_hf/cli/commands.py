@@ -9,6 +9,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,6 @@ from ..data_io import (
     DEFAULT_DIRECTION,
     FIT_HARMFUL,
     SAMPLE_PREFERENCES,
-    is_pku_saferlhf,
     load_data,
     pku_saferlhf_to_pairs,
     write_dataset,
@@ -30,6 +31,7 @@ from .arguments import (
     AnnotateArguments,
     FitArguments,
     GenerateArguments,
+    HubArguments,
     InputArguments,
     ReportArguments,
 )
@@ -44,14 +46,29 @@ class UsageError(Exception):
 # ----- shared helpers ---------------------------------------------------------------------------------
 
 
+@contextmanager
+def _no_datasets_bars() -> Iterator[None]:
+    """Reading and writing small files needs no progress bars (the annotation keeps its own)."""
+    import datasets
+
+    shown = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
 def _load_input(source: str | Path, data: InputArguments, *, split: str | None = None) -> Any:
-    dataset = load_data(
-        source,
-        split=split or data.split,
-        name=data.config_name,
-        revision=data.dataset_revision,
-        limit=data.limit,
-    )
+    with _no_datasets_bars():
+        dataset = load_data(
+            source,
+            split=split or data.split,
+            name=data.config_name,
+            revision=data.dataset_revision,
+            limit=data.limit,
+        )
     if len(dataset) == 0:
         raise InputError(f"{public_name(source)}: no rows to work on")
     return dataset
@@ -197,7 +214,8 @@ def run_generate(args: GenerateArguments, data: InputArguments, runtime: Runtime
     )
     record = json.loads(generated.info.description)[GENERATION_KEY]
     record.update(source_dataset=public_name(source))
-    write_dataset(generated, output)
+    with _no_datasets_bars():
+        write_dataset(generated, output)
     settings_path = output.with_name(output.stem + ".settings.json")
     settings_path.write_text(json.dumps(record, indent=2) + "\n")
     n_cut = sum(generated["response_truncated"])
@@ -211,7 +229,7 @@ def run_generate(args: GenerateArguments, data: InputArguments, runtime: Runtime
     return 0
 
 
-def run_fit(args: FitArguments, data: InputArguments, runtime: RuntimeOptions) -> int:
+def run_fit(args: FitArguments, data: InputArguments, runtime: RuntimeOptions, hub: HubArguments) -> int:
     from ..fitting import fit_direction
 
     layer = _parse_layer(args.layer)
@@ -224,8 +242,6 @@ def run_fit(args: FitArguments, data: InputArguments, runtime: RuntimeOptions) -
         raise UsageError(f"--holdout must be in [0, 1), got {args.holdout}")
     if args.refusals and args.refusals_file:
         raise UsageError("give --refusals or --refusals_file, not both")
-    if (args.hub_revision or args.create_pr) and not args.push_to_hub:
-        raise UsageError("--hub_revision and --create_pr need --push_to_hub")
     refusals = _read_refusals(args.refusals_file) if args.refusals_file else args.refusals
     source = args.dataset or FIT_HARMFUL
     harmful = _load_input(source, data)
@@ -257,7 +273,7 @@ def run_fit(args: FitArguments, data: InputArguments, runtime: RuntimeOptions) -
         model_id=args.model_id,
         runtime=runtime,
     )
-    folder = direction.save_pretrained(args.output_dir, repo_id=args.push_to_hub)
+    folder = direction.save_pretrained(args.output_dir, repo_id=hub.push_to_hub)
     scores = direction.layer_scores.get(direction.layer)
     held_out = (
         f"held-out pair accuracy {_fmt(scores['accuracy'])}, AUC {_fmt(scores['auc'])} "
@@ -273,12 +289,9 @@ def run_fit(args: FitArguments, data: InputArguments, runtime: RuntimeOptions) -
         f"  {held_out}\n"
         f"  artifact: {folder}/"
     )
-    if args.push_to_hub:
+    if hub.push_to_hub:
         commit = direction.push_to_hub(
-            args.push_to_hub,
-            private=args.private or None,
-            revision=args.hub_revision,
-            create_pr=args.create_pr,
+            hub.push_to_hub, private=hub.private or None, revision=hub.hub_revision, create_pr=hub.create_pr
         )
         print(f"  pushed:   {commit.pr_url or commit.commit_url}")
     return 0
@@ -294,8 +307,10 @@ def _fit_description(args: FitArguments, source: str | Path, refusals: list[str]
     return f"harmful: {public_name(source)}; safe: {safe}"
 
 
-def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: RuntimeOptions) -> int:
-    from ..annotate import annotate_margins, scale_margins
+def run_annotate(
+    args: AnnotateArguments, data: InputArguments, runtime: RuntimeOptions, hub: HubArguments
+) -> int:
+    from ..annotate import annotate_margins, check_columns, scale_margins
     from ..cards import dataset_card
     from ..direction import SafetyDirection
     from ..evaluation import annotation_report
@@ -315,26 +330,12 @@ def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: Runtime
         raise UsageError(f"--num_proc is for --engine local; --engine {args.engine} runs its own workers")
     if args.engine == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError('--engine ray needs Ray: pip install "legend-hf[ray]"')
-    if (args.hub_revision or args.create_pr) and not args.push_to_hub:
-        raise UsageError("--hub_revision and --create_pr need --push_to_hub")
     clip = None if args.clip_min is None and args.clip_max is None else (args.clip_min, args.clip_max)
     source = args.dataset or SAMPLE_PREFERENCES
     dataset = _load_input(source, data)
     if args.pku_saferlhf:
         dataset = pku_saferlhf_to_pairs(dataset, preference=args.pku_preference)
-    elif is_pku_saferlhf(dataset.column_names) and args.chosen_column not in dataset.column_names:
-        raise InputError(
-            f"{public_name(source)} has PKU-SafeRLHF's raw columns (response_0, response_1, safer_response_id) "
-            f"and no {args.chosen_column!r}: add --pku_saferlhf to make chosen the safer response"
-        )
-    missing = [c for c in (args.chosen_column, args.rejected_column) if c not in dataset.column_names]
-    if args.prompt_column != "prompt" and args.prompt_column not in dataset.column_names:
-        missing.insert(0, args.prompt_column)
-    if missing:
-        raise KeyError(
-            f"{public_name(source)} has no column(s) {missing}; it has {dataset.column_names} "
-            "(set --prompt_column/--chosen_column/--rejected_column, or --pku_saferlhf for PKU-SafeRLHF data)"
-        )
+    check_columns(dataset.column_names, (args.prompt_column, args.chosen_column, args.rejected_column))
     output_dir = Path(args.output_dir)
     start = time.perf_counter()
     direction = SafetyDirection.from_pretrained(
@@ -364,7 +365,8 @@ def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: Runtime
     elapsed = time.perf_counter() - start
     local = Path(source).exists()
     split = "train" if local else data.split
-    data_path = write_dataset(annotated, output_dir / f"{split}.{args.format}")
+    with _no_datasets_bars():
+        data_path = write_dataset(annotated, output_dir / f"{split}.{args.format}")
     histogram = _write_histogram(annotated, output_dir)
     license = args.license or ("apache-2.0" if Path(source) == SAMPLE_PREFERENCES else None)
     card = dataset_card(
@@ -374,7 +376,7 @@ def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: Runtime
         source_revision=data.dataset_revision,
         license=license,
         histogram=histogram.name if histogram else None,
-        repo_id=args.push_to_hub,
+        repo_id=hub.push_to_hub,
     )
     card.save(output_dir / "README.md")
     report = annotation_report(
@@ -392,14 +394,14 @@ def run_annotate(args: AnnotateArguments, data: InputArguments, runtime: Runtime
         + format_report(report)
         + f"\n  outputs            {output_dir}/ ({', '.join(outputs)})"
     )
-    if args.push_to_hub:
+    if hub.push_to_hub:
         commit = push_annotated_dataset(
             annotated,
-            args.push_to_hub,
+            hub.push_to_hub,
             direction,
-            private=args.private or None,
-            revision=args.hub_revision,
-            create_pr=args.create_pr,
+            private=hub.private or None,
+            revision=hub.hub_revision,
+            create_pr=hub.create_pr,
             source_dataset=None if local else str(source),
             source_revision=data.dataset_revision,
             license=license,
