@@ -596,7 +596,9 @@ def choose_layer(
             k: layer_scores(safe[:, k], harmful[:, k], recipe.method, holdout=0.2, seed=0)
             for k in range(1, n_layers + 1)
         }
-        cached.layers[key] = [max(scores, key=lambda k: (scores[k]["auc"], scores[k]["accuracy"], k))]
+        cached.layers[key] = [
+            max(scores, key=lambda k: (scores[k]["response_auc"], scores[k]["pair_accuracy"], k))
+        ]
         return cached.layers[key]
     if recipe.layer == "separation":
         cached.layers[key] = [max(range(1, n_layers + 1), key=lambda k: separation(cached, recipe, k))]

@@ -23,7 +23,10 @@ direction = fit_direction(
     model, harmful, refusals=refusals, layer=[15, -1], model_id="HuggingFaceTB/SmolLM2-135M-Instruct"
 )
 print(direction)
-print({k: round(v["auc"], 3) for k, v in direction.layer_scores.items()}, "held-out AUC per layer")
+print(
+    {k: round(v["response_auc"], 3) for k, v in direction.layer_scores.items()},
+    "held-out response_auc per layer",
+)
 direction.save_pretrained("smv-smollm2")  # or direction.push_to_hub("me/smv-smollm2")
 direction = SafetyDirection.from_pretrained("smv-smollm2")
 

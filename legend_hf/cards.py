@@ -119,8 +119,8 @@ def direction_card(
     rows = [
         {
             "layer": k,
-            "accuracy": s["accuracy"],
-            "auc": s["auc"],
+            "pair_accuracy": s["pair_accuracy"],
+            "response_auc": s["response_auc"],
             "n_heldout": int(s["n_heldout"]),
             "used": k == direction.layer,
         }
@@ -155,7 +155,7 @@ def write_direction_card(
             direction.layer_scores,
             plot_path,
             layer=direction.layer,
-            metrics={"auc": "held-out AUC", "accuracy": "held-out pair accuracy"},
+            metrics={"response_auc": "held-out response_auc", "pair_accuracy": "held-out pair_accuracy"},
             title="Held-out separation of safe and harmful responses",
         )
         plot = LAYER_PLOT_NAME

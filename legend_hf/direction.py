@@ -257,7 +257,11 @@ class SafetyDirection:
                 f"{weights_file} holds layers {sorted(vectors)} but {config_file.name} lists {layers}"
             )
         config.pop("sign_convention", None)
-        config["layer_scores"] = {int(k): v for k, v in config.get("layer_scores", {}).items()}
+        renamed = {"accuracy": "pair_accuracy", "auc": "response_auc"}  # the names of legend-hf 0.1
+        config["layer_scores"] = {
+            int(k): {renamed.get(name, name): value for name, value in v.items()}
+            for k, v in config.get("layer_scores", {}).items()
+        }
         known = {f for f in cls.__dataclass_fields__ if f not in ("vectors", "source", "source_revision")}
         unknown = set(config) - known
         if unknown:

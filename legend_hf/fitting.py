@@ -87,7 +87,8 @@ def direction_from_states(safe: torch.Tensor, harmful: torch.Tensor, method: str
 def layer_scores(
     safe: torch.Tensor, harmful: torch.Tensor, method: str | Method, *, holdout: float, seed: int
 ) -> dict[str, float]:
-    """Held-out scores of one layer: pair sign accuracy and AUC of safe vs harmful projections."""
+    """Held-out scores of one layer, in the statistics' names: ``pair_accuracy`` (the safe text of a held-out
+    pair projects higher than the harmful one) and ``response_auc`` (safe against harmful projections)."""
     n = min(len(safe), len(harmful))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, round(n * holdout))
@@ -95,7 +96,7 @@ def layer_scores(
     vector = direction_from_states(safe[train], harmful[train], method)
     s, h = project(safe[test], vector), project(harmful[test], vector)
     auc = roc_auc([*s.tolist(), *h.tolist()], [1] * len(s) + [0] * len(h))
-    return {"accuracy": float((s > h).double().mean()), "auc": auc, "n_heldout": float(n_test)}
+    return {"pair_accuracy": float((s > h).double().mean()), "response_auc": auc, "n_heldout": float(n_test)}
 
 
 def read_rows(rows: Any, *, prompt_column: str, response_column: str, name: str) -> list[Conversation]:
@@ -216,7 +217,6 @@ def fit_direction(
         pooling=pooling,
         template=text_template,
         runtime=runtime,
-        max_length=runtime.max_length,
         progress="legend-hf fit: reading texts",
     )
     if paired:  # each harmful row and its safe row share the prompt: run it once
@@ -238,11 +238,11 @@ def fit_direction(
     if layer == "auto":
         if not scores:
             raise ValueError("layer='auto' needs at least 5 harmful and 5 safe examples to score layers")
-        chosen = max(candidates, key=lambda k: (scores[k]["auc"], scores[k]["accuracy"], k))
+        chosen = max(candidates, key=lambda k: (scores[k]["response_auc"], scores[k]["pair_accuracy"], k))
     elif isinstance(layer, int):
         chosen = candidates[-1]
     else:
-        chosen = max(candidates, key=lambda k: (scores.get(k, {}).get("auc", 0.0), k))
+        chosen = max(candidates, key=lambda k: (scores.get(k, {}).get("response_auc", 0.0), k))
     vectors = {k: direction_from_states(states[k][n:], states[k][:n], method_fn) for k in candidates}
     config: Any = base.config
     found_id, model_revision = model_identity(base)

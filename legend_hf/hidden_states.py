@@ -377,11 +377,11 @@ class TextReader:
         self.tokenizer = tokenizer
         self.template = template
         self.layer_reader = LayerReader(model, layers, pooling)
-        self.max_length = max_length or context_length(model, tokenizer)
+        self.max_length = max_length or runtime.max_length or context_length(model, tokenizer)
         self.max_tokens_per_batch = runtime.max_tokens_per_batch
         on_cpu = self.layer_reader.device.type == "cpu"
         # On a CPU one text (or pair) per forward beats padded batches (bench/README.md: ~2x on 2 cores).
-        self.batch_size = (
+        self.max_batch_size = (
             runtime.max_batch_size if runtime.max_batch_size is not None else (1 if on_cpu else None)
         )
         # Prompt sharing pays on a CPU (1.26x) but cost 26% on an H200, where the prefix and continuation
@@ -423,7 +423,7 @@ class TextReader:
                 pad_id=self.pad_id,
                 padding_side=getattr(self.tokenizer, "padding_side", "right") or "right",
                 max_tokens=self.max_tokens_per_batch,
-                max_batch_size=self.batch_size,
+                max_batch_size=self.max_batch_size,
                 on_batch=bar.update,
             )
         return states, encoded.truncated
@@ -445,7 +445,7 @@ class TextReader:
                 b.input_ids,
                 pad_id=self.pad_id,
                 max_tokens=self.max_tokens_per_batch,
-                max_batch_size=self.batch_size,
+                max_batch_size=self.max_batch_size,
                 on_batch=bar.update,
             )
         return {k: torch.cat([states_a[k], states_b[k]]) for k in states_a}, a.truncated + b.truncated

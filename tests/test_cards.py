@@ -57,7 +57,7 @@ def test_direction_card_parses_back(direction):
     text = card.text
     assert f"| {direction.layer} | " in text and "**used**" in text
     for k in direction.layer_scores:
-        assert f"| {k} | {direction.layer_scores[k]['accuracy']:.3f} |" in text
+        assert f"| {k} | {direction.layer_scores[k]['pair_accuracy']:.3f} |" in text
     assert 'SafetyDirection.from_pretrained("me/smv-tiny")' in text
     assert direction.fingerprint() in text and LEGEND_BIBTEX in text
     assert str(Path(direction.model_id).parent) not in text  # no absolute local paths in a public card

@@ -33,7 +33,7 @@ def make_direction(**overrides) -> SafetyDirection:
         template="alpaca",
         refusals=["I can't answer that."],
         model_revision="abc123",
-        layer_scores={2: {"accuracy": 0.9, "auc": 0.95, "n_heldout": 4.0}},
+        layer_scores={2: {"pair_accuracy": 0.9, "response_auc": 0.95, "n_heldout": 4.0}},
     )
     fields.update(overrides)
     return SafetyDirection(**fields)
@@ -219,3 +219,11 @@ def test_invalid_json_and_wrong_shape(saved):
 def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a legend-hf direction folder"):
         SafetyDirection.from_pretrained(tmp_path)
+
+
+def test_artifacts_of_version_0_1_load_with_todays_score_names(saved):
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    config["layer_scores"] = {"2": {"accuracy": 0.9, "auc": 0.95, "n_heldout": 4.0}}  # 0.1's names
+    (saved / CONFIG_NAME).write_text(json.dumps(config))
+    loaded = SafetyDirection.from_pretrained(saved)
+    assert loaded.layer_scores == {2: {"pair_accuracy": 0.9, "response_auc": 0.95, "n_heldout": 4.0}}

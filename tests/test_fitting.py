@@ -54,7 +54,8 @@ def test_several_layers_in_one_pass_and_auto(tiny_llama_path):
     auto = fit_direction(str(tiny_llama_path), HARMFUL, layer="auto")
     assert sorted(auto.layer_scores) == [1, 2, 3, 4]
     best = max(
-        auto.layer_scores, key=lambda k: (auto.layer_scores[k]["auc"], auto.layer_scores[k]["accuracy"], k)
+        auto.layer_scores,
+        key=lambda k: (auto.layer_scores[k]["response_auc"], auto.layer_scores[k]["pair_accuracy"], k),
     )
     assert auto.layer == best
     one = fit_direction(str(tiny_llama_path), HARMFUL, layer=-1)

@@ -25,7 +25,7 @@ def direction(hidden: int = 8, layers: tuple[int, ...] = (1, 2), num_layers: int
         template="none",
         max_length=64,
         fit_data={"n_harmful": 3},
-        layer_scores={2: {"auc": 1.0}},
+        layer_scores={2: {"response_auc": 1.0}},
     )
 
 

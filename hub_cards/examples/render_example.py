@@ -69,7 +69,7 @@ def main() -> None:
     mixed = [c != r for c, r in zip(annotated["chosen_is_safe"], annotated["rejected_is_safe"], strict=True)]
     margins = [m for m, keep in zip(annotated["margin_raw"], mixed, strict=True) if keep]
     print(
-        f"direction: layer {direction.layer}, held-out AUC {direction.layer_scores[direction.layer]['auc']:.3f}"
+        f"direction: layer {direction.layer}, held-out response_auc {direction.layer_scores[direction.layer]['response_auc']:.3f}"
     )
     print(
         f"safe-vs-unsafe pairs: AUC of margins for 'chosen is the safe one' = "

@@ -276,7 +276,7 @@ def run_fit(args: FitArguments, data: InputArguments, runtime: RuntimeOptions, h
     folder = direction.save_pretrained(args.output_dir, repo_id=hub.push_to_hub)
     scores = direction.layer_scores.get(direction.layer)
     held_out = (
-        f"held-out pair accuracy {_fmt(scores['accuracy'])}, AUC {_fmt(scores['auc'])} "
+        f"held-out pair_accuracy {_fmt(scores['pair_accuracy'])}, response_auc {_fmt(scores['response_auc'])} "
         f"({int(scores['n_heldout'])} pairs)"
         if scores
         else "no held-out score (--holdout 0 or fewer than 5 pairs)"
