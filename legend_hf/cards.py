@@ -389,3 +389,46 @@ def dataset_card(
         group_by=group_by,
         repo_id=repo_id or "your-username/your-dataset",
     )
+
+
+# ----- a model trained with the margins ------------------------------------------------------------------
+
+TRAINED_TEMPLATE = TEMPLATES / "trained_model_card_template.md"
+
+
+def trained_model_card(
+    settings: dict[str, Any], metrics: dict[str, Any], record: AnnotationRecord | None, margins: str
+) -> ModelCard:
+    """The card of a model `legend-hf train` wrote: base model, trainer, which margins (their provenance record,
+    also in the YAML under ``legend_hf``) and the held-out accuracy."""
+    dpo = settings["trainer"] == "dpo"
+    trainer = (
+        f"DPO with the margin as {'an ODPO offset' if settings['margin_mode'] == 'offset' else 'a per-pair weight'}"
+        if dpo
+        else "TRL's RewardTrainer, loss −log σ(r_c − r_r − margin)"
+    )
+    sentences = {
+        "use": "The pairs' Legend margins enter the loss.",
+        "none": "Trained without margins (the plain loss), as a baseline.",
+        "shuffled": "Trained with the margins permuted over the pairs, as a control: same values, no information.",
+    }
+    card_data = ModelCardData(
+        library_name="transformers",
+        base_model=settings["model"] if is_hub_id(settings["model"]) else None,
+        tags=["legend-hf", "trl", "dpo" if dpo else "reward-model", "safety"],
+        **{RECORD_KEY: record.to_dict() if record is not None else None},  # type: ignore[arg-type]
+    )
+    keys = [*(("beta", "margin_mode", "margin_scale") if dpo else ()), "learning_rate", "num_train_epochs"]
+    keys += ["batch_size", "max_length", "seed"]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TRAINED_TEMPLATE),
+        settings=settings,
+        metrics=metrics,
+        record=record,
+        model_link=_link(settings["model"]),
+        trainer_description=trainer,
+        margin_sentence=sentences[margins],
+        settings_line=", ".join(f"{k} {settings[k]}" for k in keys),
+        citation_bibtex=LEGEND_BIBTEX,
+    )

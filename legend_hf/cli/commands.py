@@ -34,6 +34,8 @@ from .arguments import (
     HubArguments,
     InputArguments,
     ReportArguments,
+    ScaleArguments,
+    TrainArguments,
 )
 
 logger = logging.getLogger("legend_hf.cli")
@@ -94,17 +96,6 @@ def _parse_layer(text: str) -> int | list[int] | str:
             f"--layer must be an integer, a comma list of integers or 'auto', got {text!r}"
         ) from None
     return values[0] if len(values) == 1 else values
-
-
-def _parse_scale(text: str | None) -> str | float | None:
-    if text is None or text == "none":
-        return None
-    if text == "standardize":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise UsageError(f"--scale must be none, standardize or a number, got {text!r}") from None
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -307,8 +298,19 @@ def _fit_description(args: FitArguments, source: str | Path, refusals: list[str]
     return f"harmful: {public_name(source)}; safe: {safe}"
 
 
+def _scaling(scale: ScaleArguments) -> dict[str, Any]:
+    try:
+        return scale.scaling()
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+
+
 def run_annotate(
-    args: AnnotateArguments, data: InputArguments, runtime: RuntimeOptions, hub: HubArguments
+    args: AnnotateArguments,
+    scale: ScaleArguments,
+    data: InputArguments,
+    runtime: RuntimeOptions,
+    hub: HubArguments,
 ) -> int:
     from ..annotate import annotate_margins, check_columns, scale_margins
     from ..cards import dataset_card
@@ -317,20 +319,11 @@ def run_annotate(
     from ..hub import push_annotated_dataset
 
     # Every option first: nothing below loads a model until all of them are known to be usable.
-    scale = _parse_scale(args.scale)
-    if args.levels is not None and args.bins is None:
-        raise UsageError("--levels needs --bins")
-    if args.bins is not None and args.bins < 2:
-        raise UsageError(f"--bins must be at least 2, got {args.bins}")
-    if args.levels is not None and args.bins is not None and len(args.levels) != args.bins:
-        raise UsageError(f"--bins {args.bins} needs {args.bins} --levels, got {len(args.levels)}")
-    if args.target_std <= 0:
-        raise UsageError(f"--target_std must be positive, got {args.target_std}")
+    scaling = _scaling(scale)
     if args.engine != "local" and args.num_proc:
         raise UsageError(f"--num_proc is for --engine local; --engine {args.engine} runs its own workers")
     if args.engine == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError('--engine ray needs Ray: pip install "legend-hf[ray]"')
-    clip = None if args.clip_min is None and args.clip_max is None else (args.clip_min, args.clip_max)
     source = args.dataset or SAMPLE_PREFERENCES
     dataset = _load_input(source, data)
     if args.pku_saferlhf:
@@ -349,9 +342,6 @@ def run_annotate(
         runtime=runtime,
     )
     batch_size = args.batch_size or _map_batch_size(args, runtime)
-    scaling: dict[str, Any] = dict(
-        scale=scale, target_std=args.target_std, clip=clip, bins=args.bins, levels=args.levels
-    )
     if args.engine == "local":
         annotated = annotate_margins(
             dataset, direction, batch_size=batch_size, num_proc=args.num_proc, **options, **scaling
@@ -360,7 +350,7 @@ def run_annotate(
         annotated = _annotate_with_engine(args, dataset, direction, options, batch_size)
         if annotated is None:  # a torchrun rank other than 0: its shards are written, rank 0 merges
             return 0
-        if scale is not None or clip is not None or args.bins is not None:
+        if scale.given:
             annotated = scale_margins(annotated, **scaling)
     elapsed = time.perf_counter() - start
     local = Path(source).exists()
@@ -483,4 +473,186 @@ def run_report(args: ReportArguments, data: InputArguments) -> int:
     return 0
 
 
-COMMANDS = {"generate": run_generate, "fit": run_fit, "annotate": run_annotate, "report": run_report}
+def run_train(args: TrainArguments, scale: ScaleArguments, data: InputArguments, hub: HubArguments) -> int:
+    import importlib.util
+
+    from ..annotate import check_columns, scale_margins
+    from ..cards import trained_model_card
+    from ..evaluation import LabelledPairs
+    from ..provenance import read_record
+
+    if importlib.util.find_spec("trl") is None:
+        raise UsageError("legend-hf train needs TRL: pip install 'legend-hf[train]'")
+    scaling = _scaling(scale)
+    if not 0 <= args.test_fraction < 1:
+        raise UsageError(f"--test_fraction must be in [0, 1), got {args.test_fraction}")
+    if args.beta <= 0 or args.batch_size < 1 or args.max_length < 2:
+        raise UsageError("--beta, --batch_size and --max_length must be positive")
+    columns = (args.prompt_column, args.chosen_column, args.rejected_column)
+    dataset = _load_input(args.dataset, data)
+    check_columns(dataset.column_names, columns, new_columns=())
+    card = Path(args.dataset).with_name("README.md") if Path(args.dataset).is_file() else None
+    record = read_record(dataset, card)
+    notes = []
+    if args.margins != "none":
+        if "margin" not in dataset.column_names:
+            raise KeyError(
+                f"{public_name(args.dataset)} has no 'margin' column: annotate it first (legend-hf annotate), or "
+                "train without margins (--margins none)"
+            )
+        if scale.given or (record is not None and not record.scaled):
+            if not scale.given:  # raw projection differences are not logit units
+                scaling = {**scaling, "scale": "standardize"}
+                notes.append("raw margins standardised (--scale standardize --target_std 1)")
+            dataset = scale_margins(dataset, **scaling)
+            record = read_record(dataset)
+    split = dataset.train_test_split(test_size=args.test_fraction, seed=0) if args.test_fraction else None
+    train, test = (split["train"], split["test"]) if split else (dataset, None)
+    if args.margins == "shuffled":
+        order = torch_permutation(len(train), args.seed)
+        train = train.remove_columns("margin").add_column("margin", [train["margin"][i] for i in order])
+    output_dir = Path(args.output_dir)
+    settings: dict[str, Any] = {
+        **{
+            k: getattr(args, k)
+            for k in ("trainer", "model", "margins", "margin_mode", "margin_scale", "beta")
+        },
+        **{
+            k: getattr(args, k) for k in ("max_length", "num_train_epochs", "max_steps", "batch_size", "seed")
+        },
+        "learning_rate": args.learning_rate or (5e-6 if args.trainer == "dpo" else 5e-5),
+        "dataset": public_name(args.dataset),
+        "n_train": len(train),
+        "n_test": 0 if test is None else len(test),
+    }
+    start = time.perf_counter()
+    model, tokenizer, accuracy = _train(args, settings, train, test, columns, output_dir)
+    metrics = {
+        "held_out_accuracy": accuracy,
+        "n_held_out": None,
+        "train_seconds": time.perf_counter() - start,
+    }
+    if test is not None:
+        pairs = LabelledPairs.from_data(
+            test, prompt_column=columns[0], chosen_column=columns[1], rejected_column=columns[2]
+        )
+        metrics["n_held_out"] = sum(s is not None for s in pairs.labels.chosen_is_safer)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    trained_model_card(settings, metrics, record, args.margins).save(output_dir / "README.md")
+    (output_dir / "metrics.json").write_text(
+        json.dumps(
+            clean({"settings": settings, "metrics": metrics, "record": record and record.to_dict()}), indent=2
+        )
+        + "\n"
+    )
+    held_out = (
+        f"held-out accuracy {_fmt(accuracy)} on {metrics['n_held_out']} pairs (safer side scores higher)"
+        if accuracy is not None
+        else "no held-out pairs (--test_fraction 0)"
+    )
+    print(
+        f"legend-hf train: {args.trainer} on {settings['n_train']} pairs of {settings['dataset']} from {args.model}, "
+        f"margins {args.margins}{' (' + '; '.join(notes) + ')' if notes else ''}, in {metrics['train_seconds']:.0f} s\n"
+        f"  {held_out}\n"
+        f"  outputs: {output_dir}/ (model, README.md, metrics.json)"
+    )
+    if hub.push_to_hub:
+        from ..hub import push_folder
+
+        commit = push_folder(
+            output_dir,
+            hub.push_to_hub,
+            revision=hub.hub_revision,
+            create_pr=hub.create_pr,
+            private=hub.private or None,
+            commit_message="Upload a model trained with Legend margins (legend-hf train)",
+        )
+        print(f"  pushed:  {commit.pr_url or commit.commit_url}")
+    return 0
+
+
+def torch_permutation(n: int, seed: int) -> list[int]:
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _train(
+    args: TrainArguments, settings: dict[str, Any], train: Any, test: Any, columns: Any, output_dir: Path
+) -> tuple[Any, Any, float | None]:
+    """Train with the chosen trainer; the trained model, its tokenizer and the held-out accuracy (or None)."""
+    import torch
+
+    from ..evaluation import LabelledPairs
+    from ..training import (
+        MarginDPOConfig,
+        dpo_accuracy,
+        reward_accuracy,
+        train_dpo,
+        train_reward_model,
+    )
+
+    common: dict[str, Any] = dict(
+        output_dir=str(output_dir),  # save_strategy="no": TRL writes no checkpoints there
+        seed=args.seed,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        learning_rate=settings["learning_rate"],
+        per_device_train_batch_size=args.batch_size,
+        bf16=False,  # TRL's default bf16 fails on most CPUs and makes CPU rewards coarse
+        activation_checkpointing=False,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=10,
+    )
+    pairs = (
+        None
+        if test is None
+        else LabelledPairs.from_data(
+            test, prompt_column=columns[0], chosen_column=columns[1], rejected_column=columns[2]
+        )
+    )
+    use = args.margins != "none"
+    if args.trainer == "reward":
+        from trl import RewardConfig
+
+        config = RewardConfig(**common, max_length=None)
+        reward = train_reward_model(
+            train, args.model, args=config, use_margins=use, max_length=args.max_length, columns=columns
+        )
+        if pairs is None:
+            return reward.model, reward.processing_class, None
+        model: Any = reward.model
+        return (
+            model,
+            reward.processing_class,
+            reward_accuracy(model, reward.processing_class, pairs, max_length=args.max_length),
+        )
+    dpo = MarginDPOConfig(
+        **common,
+        beta=args.beta,
+        max_length=args.max_length,
+        truncation_mode="keep_end",  # like the annotator: the response end stays, no pair is dropped
+        margin_mode=args.margin_mode,
+        margin_scale=args.margin_scale,
+    )
+    trainer = train_dpo(train, args.model, args=dpo, use_margins=use, columns=columns)
+    policy: Any = trainer.model
+    reference: Any = trainer.ref_model
+    accuracy = None
+    if pairs is not None:
+        with torch.no_grad():
+            accuracy = dpo_accuracy(
+                policy, reference, trainer.processing_class, pairs, max_length=args.max_length
+            )
+    return policy, trainer.processing_class, accuracy
+
+
+COMMANDS = {
+    "generate": run_generate,
+    "fit": run_fit,
+    "annotate": run_annotate,
+    "report": run_report,
+    "train": run_train,
+}
