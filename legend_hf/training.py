@@ -418,13 +418,12 @@ def reward_accuracy(
 ) -> float:
     """Held-out accuracy of a reward model: the share of pairs whose safer side gets the higher reward."""
     safer, other = _ordered(pairs)
-    rewards = [
-        _rewards(model, tokenizer, encode_texts(tokenizer, side, max_length)) for side in (safer, other)
-    ]
-    return _accuracy(*rewards)
+    scores = [rewards(model, tokenizer, encode_texts(tokenizer, side, max_length)) for side in (safer, other)]
+    return _accuracy(*scores)
 
 
-def _rewards(model: nn.Module, tokenizer: Any, ids: list[list[int]], batch: int = 16) -> torch.Tensor:
+def rewards(model: nn.Module, tokenizer: Any, ids: list[list[int]], batch: int = 16) -> torch.Tensor:
+    """One reward per token-id row (a one-logit sequence-classification model), batched, in float64."""
     from .hidden_states import pad
 
     model.eval()
@@ -469,9 +468,9 @@ def dpo_accuracy(
     """Held-out implicit-reward accuracy of a DPO policy: the share of pairs whose safer side has the larger
     ``log π(y|x) - log π_ref(y|x)``."""
     safer, other = _ordered(pairs)
-    rewards = [
+    scores = [
         completion_logprobs(policy, tokenizer, side, max_length=max_length)
         - completion_logprobs(reference, tokenizer, side, max_length=max_length)
         for side in (safer, other)
     ]
-    return _accuracy(*rewards)
+    return _accuracy(*scores)

