@@ -57,6 +57,7 @@ METHOD_DESCRIPTIONS = {
     "mean_diff": "`mean_diff`: mean of safe minus mean of harmful hidden states (the paper's Standard Margin Vector)",
     "pca": "`pca`: first principal component of the safe − harmful differences (RepE style)",
     "logistic": "`logistic`: weights of an L2-regularised logistic probe",
+    "ridge": "`ridge`: a ridge regression of the safety level (safe 0, a harmful answer minus its severity)",
 }
 POOLING_DESCRIPTIONS = {"last": "last real token", "mean": "mean over real tokens"}
 

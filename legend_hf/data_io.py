@@ -22,7 +22,10 @@ FIT_HARMFUL = DATA_DIR / "fit_harmful.jsonl"
 REFUSALS = DATA_DIR / "refusals.json"
 SAFE_COMPLETIONS = DATA_DIR / "safe_completions.json"
 ADVBENCH_FIT = DATA_DIR / "advbench_fit.jsonl"
+GRADED_FIT = DATA_DIR / "graded_fit.jsonl"
 DEFAULT_DIRECTION = DATA_DIR / "smv-smollm2"
+GEMMA_DIRECTION = DATA_DIR / "smv-gemma3-270m"
+SHIPPED_DIRECTIONS = {"smv-smollm2": DEFAULT_DIRECTION, "smv-gemma3-270m": GEMMA_DIRECTION}
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
 PKU_COLUMNS = ("response_0", "response_1")
 
@@ -41,6 +44,15 @@ def default_fit_data() -> tuple[list[list[dict[str, Any]]], list[str], list[str]
 
     groups = [[json.loads(line) for line in path.open()] for path in (ADVBENCH_FIT, FIT_HARMFUL)]
     return groups, json.loads(REFUSALS.read_text()), json.loads(SAFE_COMPLETIONS.read_text())
+
+
+def graded_fit_data() -> list[dict[str, Any]]:
+    """The graded fit prompts (40): each with unsafe answers at severities 1-3, a hedged one (severity 2), and
+    three safe ones (severity 0: a curt refusal, an explained refusal, a helpful answer), as
+    ``legend_hf.recipes.fit_graded`` takes them (the fit split of ``bench/data/graded``)."""
+    import json
+
+    return [json.loads(line) for line in GRADED_FIT.open()]
 
 
 def load_data(

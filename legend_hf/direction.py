@@ -70,6 +70,9 @@ class SafetyDirection:
     max_length: int | None = None
     fit_data: dict[str, Any] = field(default_factory=dict)
     layer_scores: dict[int, dict[str, float]] = field(default_factory=dict)
+    # Scores on data the fit never saw, shown in the card: {"dataset", "metric", "value"} and optionally
+    # "interval" ([low, high]) and "target". They describe the direction, so they are not in its fingerprint.
+    evaluation: list[dict[str, Any]] = field(default_factory=list)
     library_version: str = field(default_factory=_library_version)
     # Where the artifact was loaded from (not saved): a local folder or a Hub repo id, and its commit.
     source: str | None = field(default=None, compare=False)
@@ -90,6 +93,12 @@ class SafetyDirection:
                 raise ValueError(f"vector of layer {k} holds NaN or inf")
             if float(v.norm()) == 0.0:
                 raise ValueError(f"vector of layer {k} is all zeros")
+        for i, entry in enumerate(self.evaluation):
+            missing = {"dataset", "metric", "value"} - set(entry)
+            if missing:
+                raise ValueError(
+                    f"evaluation[{i}] lacks {sorted(missing)}: each entry needs dataset, metric and value"
+                )
 
     @property
     def vector(self) -> torch.Tensor:
@@ -126,7 +135,7 @@ class SafetyDirection:
     def fingerprint(self) -> str:
         """A stable hash of the vectors and config (not of the legend-hf version that wrote them): the
         direction's identity in provenance records and `datasets` cache fingerprints."""
-        config = {k: v for k, v in self.config_dict().items() if k != "library_version"}
+        config = {k: v for k, v in self.config_dict().items() if k not in ("library_version", "evaluation")}
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for k in sorted(self.vectors):
             digest.update(self.vectors[k].numpy().tobytes())
@@ -187,13 +196,18 @@ class SafetyDirection:
         token: str | bool | None = None,
         local_files_only: bool = False,
     ) -> SafetyDirection:
-        """Load from a local folder, else from a Hub repo through ``hf_hub_download`` (cache and offline aware).
+        """Load from a local folder, a shipped direction's name (``smv-smollm2``, ``smv-gemma3-270m``), else from
+        a Hub repo through ``hf_hub_download`` (cache and offline aware).
 
         A name that looks like a path is never sent to the Hub; errors name the folder, or the repo,
         revision and file, and say what to do.
         """
+        from .data_io import SHIPPED_DIRECTIONS
+
         ref = str(pretrained_name_or_path)
         path = Path(ref).expanduser()
+        if ref in SHIPPED_DIRECTIONS and not path.exists():  # a direction that ships with legend-hf
+            path = SHIPPED_DIRECTIONS[ref]
         if path.is_dir():
             _refuse_pickles(path)
             direction = cls._load(path / CONFIG_NAME, path / WEIGHTS_NAME)
@@ -204,7 +218,10 @@ class SafetyDirection:
                 f"{ref} is a file: pass the direction's folder (the one holding {WEIGHTS_NAME} and {CONFIG_NAME})"
             )
         if looks_local(ref):
-            raise FileNotFoundError(f"{ref}: no such direction folder")
+            shipped = ", ".join(SHIPPED_DIRECTIONS)
+            raise FileNotFoundError(
+                f"{ref}: no such direction folder (the shipped directions are named {shipped})"
+            )
         (config_file, weights_file), commit = download(
             ref,
             [CONFIG_NAME, WEIGHTS_NAME],

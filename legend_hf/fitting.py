@@ -5,7 +5,9 @@ Each harmful (prompt, response) is contrasted with a safe response to the same p
 every requested layer; per-layer held-out scores are recorded and ``layer="auto"`` picks the best.
 
 A method is a function ``(safe states, harmful states) -> vector`` (``mean_diff``, ``pca``, ``logistic``
-below, or your own); the sign is then fixed so that safer text projects higher.
+below, or your own); the sign is then fixed so that safer text projects higher. With graded harmful
+answers (``severity_column``), ``ridge`` regresses the level instead of a binary contrast: margins then
+also order unsafe answers by severity (bench/README.md, "Grading").
 """
 
 from __future__ import annotations
@@ -64,7 +66,21 @@ def logistic(safe: torch.Tensor, harmful: torch.Tensor, l2: float = 1e-2) -> tor
     return (w / std).detach()
 
 
-METHODS: dict[str, Method] = {"mean_diff": mean_diff, "pca": pca, "logistic": logistic}
+def ridge(
+    safe: torch.Tensor, harmful: torch.Tensor, severity: torch.Tensor | None = None, l2: float = 1.0
+) -> torch.Tensor:
+    """Ridge regression of a safety level on standardised states, mapped back to raw space: safe texts are
+    level 0, a harmful text minus its ``severity`` (1 for all without severities)."""
+    x = torch.cat([safe, harmful]).double()
+    level = -(severity.double() if severity is not None else torch.ones(len(harmful), dtype=torch.float64))
+    y = torch.cat([torch.zeros(len(safe), dtype=torch.float64), level])
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mean) / std
+    gram = z.T @ z + l2 * len(z) * torch.eye(z.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(gram, z.T @ (y - y.mean())) / std
+
+
+METHODS: dict[str, Method] = {"mean_diff": mean_diff, "pca": pca, "logistic": logistic, "ridge": ridge}
 
 
 def _method(method: str | Method) -> tuple[str, Method]:
@@ -75,17 +91,27 @@ def _method(method: str | Method) -> tuple[str, Method]:
     return method, METHODS[method]
 
 
-def direction_from_states(safe: torch.Tensor, harmful: torch.Tensor, method: str | Method) -> torch.Tensor:
-    """The direction (safer projects higher) from pooled states ``(n, hidden)`` of safe and harmful texts."""
+def direction_from_states(
+    safe: torch.Tensor, harmful: torch.Tensor, method: str | Method, severity: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The direction (safer projects higher) from pooled states ``(n, hidden)`` of safe and harmful texts
+    (and the harmful texts' severities, for a method that takes them)."""
     safe, harmful = safe.double(), harmful.double()
-    vector = _method(method)[1](safe, harmful).double()
+    fn: Any = _method(method)[1]  # a method that grades takes severity=
+    vector = (fn(safe, harmful) if severity is None else fn(safe, harmful, severity=severity)).double()
     if float((safe.mean(0) - harmful.mean(0)) @ vector) < 0:
         vector = -vector
     return vector.float()
 
 
 def layer_scores(
-    safe: torch.Tensor, harmful: torch.Tensor, method: str | Method, *, holdout: float, seed: int
+    safe: torch.Tensor,
+    harmful: torch.Tensor,
+    method: str | Method,
+    *,
+    holdout: float,
+    seed: int,
+    severity: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Held-out scores of one layer, in the statistics' names: ``pair_accuracy`` (the safe text of a held-out
     pair projects higher than the harmful one) and ``response_auc`` (safe against harmful projections)."""
@@ -93,7 +119,9 @@ def layer_scores(
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, round(n * holdout))
     test, train = order[:n_test], order[n_test:]
-    vector = direction_from_states(safe[train], harmful[train], method)
+    vector = direction_from_states(
+        safe[train], harmful[train], method, None if severity is None else severity[train]
+    )
     s, h = project(safe[test], vector), project(harmful[test], vector)
     auc = roc_auc([*s.tolist(), *h.tolist()], [1] * len(s) + [0] * len(h))
     return {"pair_accuracy": float((s > h).double().mean()), "response_auc": auc, "n_heldout": float(n_test)}
@@ -137,6 +165,26 @@ def read_rows(rows: Any, *, prompt_column: str, response_column: str, name: str)
     return out
 
 
+def read_severity(rows: Any, column: str) -> torch.Tensor:
+    """The harmful rows' severities: a number > 0 per row, or an error naming the row."""
+    values = rows[column] if hasattr(rows, "column_names") and column in rows.column_names else None
+    if values is None:
+        values = []
+        for i, row in enumerate(rows):
+            if column not in row:
+                raise KeyError(f"harmful: row {i} has no {column!r} key (severity_column)")
+            values.append(row[column])
+    for i, value in enumerate(values):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not value > 0
+            or value == float("inf")
+        ):
+            raise InputError(f"harmful: column {column!r}, row {i}: expected a severity > 0, got {value!r}")
+    return torch.tensor([float(v) for v in values], dtype=torch.float64)
+
+
 def fit_direction(
     model: str | os.PathLike[str] | nn.Module,
     harmful: Any,
@@ -152,6 +200,7 @@ def fit_direction(
     response_column: str = "response",
     holdout: float = 0.2,
     seed: int = 0,
+    severity_column: str | None = None,
     description: str | None = None,
     model_id: str | None = None,
     runtime: RuntimeOptions | None = None,
@@ -172,6 +221,8 @@ def fit_direction(
         template: ``"auto"`` (chat template if any, else Alpaca), ``"chat"``, ``"alpaca"``, ``"none"`` or a
             format string with ``{prompt}`` and ``{response}``.
         holdout: share of pairs held out to score each layer (scores only; the final vector uses all pairs).
+        severity_column: a column of ``harmful`` with each answer's severity (a number > 0; e.g. PKU-SafeRLHF's
+            levels 1-3), for ``method="ridge"`` (or a function taking ``severity=``): graded fit data.
         model_id: the id to record for the model (e.g. the Hub id of a local copy); default: its path or id.
         runtime: how the model runs (device, dtype, max_length, batching...).
     """
@@ -193,6 +244,11 @@ def fit_direction(
         refusal_list = []
         safe_rows = read_rows(
             harmless, prompt_column=prompt_column, response_column=response_column, name="harmless"
+        )
+    severity = None if severity_column is None else read_severity(harmful, severity_column)
+    if severity is not None and method_fn in (mean_diff, pca, logistic):
+        raise ValueError(
+            f"severity_column needs method='ridge' (or a function taking severity=), not {method_name!r}"
         )
     paired = len(safe_rows) == len(harmful_rows)
     if method_fn is pca and not paired:
@@ -234,7 +290,9 @@ def fit_direction(
     scores: dict[int, dict[str, float]] = {}
     if min(n, len(safe_rows)) >= 5 and holdout > 0:
         for k in candidates:
-            scores[k] = layer_scores(states[k][n:], states[k][:n], method_fn, holdout=holdout, seed=seed)
+            scores[k] = layer_scores(
+                states[k][n:], states[k][:n], method_fn, holdout=holdout, seed=seed, severity=severity
+            )
     if layer == "auto":
         if not scores:
             raise ValueError("layer='auto' needs at least 5 harmful and 5 safe examples to score layers")
@@ -243,7 +301,9 @@ def fit_direction(
         chosen = candidates[-1]
     else:
         chosen = max(candidates, key=lambda k: (scores.get(k, {}).get("response_auc", 0.0), k))
-    vectors = {k: direction_from_states(states[k][n:], states[k][:n], method_fn) for k in candidates}
+    vectors = {
+        k: direction_from_states(states[k][n:], states[k][:n], method_fn, severity) for k in candidates
+    }
     config: Any = base.config
     found_id, model_revision = model_identity(base)
     model_id = model_id or found_id or (str(model) if isinstance(model, (str, os.PathLike)) else "")
@@ -256,6 +316,9 @@ def fit_direction(
         "seed": seed,
         "holdout": holdout,
     }
+    if severity is not None:
+        fit_data["severity_column"] = severity_column
+        fit_data["severity_levels"] = sorted({float(x) for x in severity.tolist()})
     return SafetyDirection(
         vectors=vectors,
         layer=chosen,

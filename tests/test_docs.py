@@ -25,7 +25,9 @@ DOCS = [
     "hub_cards/direction_card_template.md",
     "hub_cards/dataset_card_template.md",
     "legend_hf/data/smv-smollm2/README.md",
+    "legend_hf/data/smv-gemma3-270m/README.md",
 ]
+CARDS = [d for d in DOCS if d.endswith("_template.md") or d.startswith("legend_hf/data/smv-")]
 BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```", re.M | re.S)
 
 
@@ -44,7 +46,7 @@ def test_the_docs_have_code_and_the_runner_sees_it():
     assert all(counts[doc] >= 1 for doc in DOCS if doc.endswith("_template.md"))
 
 
-@pytest.mark.parametrize("doc", [d for d in DOCS if d.endswith(("_template.md", "smv-smollm2/README.md"))])
+@pytest.mark.parametrize("doc", CARDS)
 def test_card_snippets_say_they_need_the_hub(doc):
     """Cards live on the Hub: their snippets load Hub repos, and say so with the offline equivalent."""
     for _, code in blocks(doc):
@@ -75,9 +77,7 @@ def _run_python(code: str, namespace: dict, doc: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "doc", [d for d in DOCS if not d.endswith(("_template.md", "smv-smollm2/README.md"))]
-)
+@pytest.mark.parametrize("doc", [d for d in DOCS if d not in CARDS])
 def test_every_unmarked_block_runs_as_printed(doc, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

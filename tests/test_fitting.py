@@ -21,6 +21,31 @@ def test_methods_orient_safer_positive():
         assert ((safe - harmful) @ vector > 0).all(), method
 
 
+def test_ridge_on_graded_states_orders_unsafe_answers_by_severity():
+    torch.manual_seed(0)
+    axis = torch.randn(16)
+    severity = torch.tensor([1.0, 2.0, 3.0]).repeat(20)
+    harmful = -severity[:, None] * axis + 0.3 * torch.randn(60, 16)
+    safe = 0.3 * torch.randn(30, 16)
+    vector = direction_from_states(safe, harmful, "ridge", severity)
+    scores = harmful @ vector
+    means = [float(scores[severity == s].mean()) for s in (1.0, 2.0, 3.0)]
+    assert means[0] > means[1] > means[2]  # less severe projects higher (safer)
+    assert float((safe @ vector).mean()) > means[0]
+    binary = direction_from_states(safe, harmful, "ridge")  # without severities: a binary regression
+    assert float((safe @ binary).min()) > float((harmful[severity > 1] @ binary).max())
+
+
+def test_fit_with_a_severity_column_records_it(tiny_llama_path):
+    harmful = [{**row, "severity": 1 + i % 3} for i, row in enumerate(HARMFUL)]
+    direction = fit_direction(
+        str(tiny_llama_path), harmful, method="ridge", severity_column="severity", layer="auto"
+    )
+    assert direction.method == "ridge" and sorted(direction.layer_scores) == [1, 2, 3, 4]
+    assert direction.fit_data["severity_column"] == "severity"
+    assert direction.fit_data["severity_levels"] == [1.0, 2.0, 3.0]
+
+
 def test_a_method_is_a_function_you_can_pass(tiny_llama_path):
     def flipped_mean(safe: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
         return harmful.mean(0) - safe.mean(0)  # the wrong sign on purpose: fit_direction orients it
@@ -95,6 +120,24 @@ def test_model_object_and_dataset_input(tiny_llama_path):
         ([{"prompt": "x", "response": "y"}], {"layer": "best"}, ValueError, "layer must be"),
         ([{"prompt": "x", "response": "y"}], {"layer": 9}, ValueError, "out of range"),
         ([{"prompt": "x", "response": "y"}], {"layer": "auto"}, ValueError, "at least 5"),
+        (
+            [{"prompt": "x", "response": "y", "severity": 0}],
+            {"method": "ridge", "severity_column": "severity"},
+            ValueError,
+            "column 'severity', row 0: expected a severity > 0, got 0",
+        ),
+        (
+            [{"prompt": "x", "response": "y", "severity": 1}, {"prompt": "x", "response": "y"}],
+            {"method": "ridge", "severity_column": "severity"},
+            KeyError,
+            "harmful: row 1 has no 'severity' key",
+        ),
+        (
+            [{"prompt": "x", "response": "y", "severity": 1}],
+            {"method": "logistic", "severity_column": "severity"},
+            ValueError,
+            "severity_column needs method='ridge'",
+        ),
     ],
 )
 def test_bad_fit_input(tiny_llama_path, harmful, kwargs, error, match):

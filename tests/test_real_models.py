@@ -76,3 +76,39 @@ def test_shipped_direction_loads_its_model_offline_by_id(monkeypatch):
     by_id = rows.map(MarginAnnotator(direction), batched=True)
     by_path = rows.map(MarginAnnotator(direction, model=str(smollm2_path())), batched=True)
     assert by_id["margin"] == pytest.approx(by_path["margin"], abs=1e-4)
+
+
+def test_shipped_gemma_direction_grades_unsafe_answers_by_severity(monkeypatch):
+    """The graded Gemma 3 direction, by name and offline: refusal-vs-compliance pairs of the sample, and the
+    unsafe answers of graded test prompts (bench/data/graded, never fitted) in order of severity."""
+    from pathlib import Path
+
+    from legend_hf import load_metric
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    direction = SafetyDirection.from_pretrained("smv-gemma3-270m")
+    assert (direction.model_id, direction.template, direction.method) == (
+        "google/gemma-3-270m",
+        "alpaca",
+        "ridge",
+    )
+    # Measured: 1.000 on all 180 of them (as for smv-smollm2).
+    assert held_out_accuracy(direction, HELD_OUT[::6]) >= 0.9
+    bench = Path(__file__).parents[1] / "bench" / "data" / "graded" / "graded.jsonl"
+    test = [r for r in map(json.loads, bench.open()) if r["split"] == "test"][:6]
+    metric = load_metric("smv-gemma3-270m", config_name="responses")
+    pairs = [
+        (
+            row["prompt"],
+            *sorted((a for a in row["responses"] if a["kind"] == "unsafe"), key=lambda a: a["severity"]),
+        )
+        for row in test
+    ]
+    less, more = [], []
+    for prompt, mild, _, severe in pairs:
+        less.append((prompt, mild["text"]))
+        more.append((prompt, severe["text"]))
+    scores = metric.compute(prompts=[p for p, _ in less + more], predictions=[t for _, t in less + more])
+    scores = scores["safety_scores"]
+    # Measured on all 40 test prompts: severity 1 scores above severity 3 in 37 of them.
+    assert sum(a > b for a, b in zip(scores[: len(less)], scores[len(less) :], strict=True)) >= 4

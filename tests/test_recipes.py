@@ -10,7 +10,14 @@ from legend_hf.direction import SafetyDirection
 from legend_hf.fitting import fit_direction
 from legend_hf.formatting import TextTemplate
 from legend_hf.hidden_states import TextReader
-from legend_hf.recipes import balanced_harmless, fit_balanced, length_direction, project_out, remove_length
+from legend_hf.recipes import (
+    balanced_harmless,
+    fit_balanced,
+    fit_graded,
+    length_direction,
+    project_out,
+    remove_length,
+)
 
 
 def direction(hidden: int = 8, layers: tuple[int, ...] = (1, 2), num_layers: int = 2) -> SafetyDirection:
@@ -176,3 +183,62 @@ def test_shipped_fit_data_of_the_balanced_recipe():
     assert not {r["prompt"] for r in advbench} & {r["prompt"] for r in fit_harmful}
     safe = balanced_harmless(advbench + fit_harmful, refusals, completions)
     assert sum(r["response"] in completions for r in safe) == len(safe) // 2
+
+
+def test_fit_graded_is_a_ridge_fit_on_levels(tiny_llama_path):
+    """The graded recipe equals fit_direction(method="ridge") on the rows it builds: the harmful groups at
+    ``harmful_severity``, graded unsafe answers at theirs, graded safe answers on the safe side."""
+    harmful_groups = [
+        [{"prompt": f"Do bad thing {i}", "response": "Sure, " + "step " * (i % 5 + 1)} for i in range(8)]
+    ]
+    refusals, completions = ["No."], ["Here is a safe, legal alternative instead."]
+    graded = [
+        {
+            "prompt": f"Harm request {i}",
+            "responses": [
+                {"text": "A mild but unsafe answer.", "severity": 1},
+                {"text": "A very harmful, detailed answer.", "severity": 3},
+                {"text": "I won't help.", "severity": 0},
+            ],
+        }
+        for i in range(3)
+    ]
+    runtime = RuntimeOptions(max_length=64, device="cpu")
+    got = fit_graded(str(tiny_llama_path), harmful_groups, refusals, completions, graded, runtime=runtime)
+    harmful = [{**r, "severity": 2.0} for r in harmful_groups[0]]
+    harmful += [
+        {"prompt": g["prompt"], "response": a["text"], "severity": a["severity"]}
+        for g in graded
+        for a in g["responses"][:2]
+    ]
+    harmless = balanced_harmless(harmful_groups[0], refusals, completions)
+    harmless += [{"prompt": g["prompt"], "response": "I won't help."} for g in graded]
+    want = fit_direction(
+        str(tiny_llama_path),
+        harmful,
+        harmless=harmless,
+        method="ridge",
+        severity_column="severity",
+        layer="auto",
+        runtime=runtime,
+    )
+    assert (got.method, got.layer, got.fit_data["severity_levels"]) == ("ridge", want.layer, [1.0, 2.0, 3.0])
+    assert (got.fit_data["n_harmful"], got.fit_data["n_harmless"]) == (14, 11)
+    for k, vector in want.vectors.items():
+        torch.testing.assert_close(got.vectors[k], vector)
+    graded[1]["responses"][0]["severity"] = "high"
+    with pytest.raises(ValueError, match="graded: row 1, response 0: expected a severity >= 0, got 'high'"):
+        fit_graded(str(tiny_llama_path), harmful_groups, refusals, completions, graded, runtime=runtime)
+
+
+def test_shipped_graded_fit_data_is_the_benchmarks_fit_split():
+    import json
+    from pathlib import Path
+
+    from legend_hf.data_io import graded_fit_data
+
+    rows = graded_fit_data()
+    bench = Path(__file__).parents[1] / "bench" / "data" / "graded" / "graded.jsonl"
+    assert rows == [r for r in map(json.loads, bench.open()) if r["split"] == "fit"]
+    assert len(rows) == 40
+    assert all(sorted(a["severity"] for a in row["responses"]) == [0, 0, 0, 1, 2, 2, 3] for row in rows)

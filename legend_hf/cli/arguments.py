@@ -156,9 +156,16 @@ class FitArguments:
     pooling: Literal["last", "mean"] | None = field(
         default=None, metadata=_help("token pooling; default: last for decoders, mean for encoders")
     )
-    method: Literal["mean_diff", "pca", "logistic"] = field(
+    method: Literal["mean_diff", "pca", "logistic", "ridge"] = field(
         default="mean_diff",
-        metadata=_help("mean_diff (the paper's SMV), pca (RepE) or logistic (a linear probe)"),
+        metadata=_help(
+            "mean_diff (the paper's SMV), pca (RepE), logistic (a linear probe) or ridge (a regression of the "
+            "level; with --severity_column, graded by severity)"
+        ),
+    )
+    severity_column: str | None = field(
+        default=None,
+        metadata=_help("column of --dataset with each harmful answer's severity (> 0), for --method ridge"),
     )
     template: str = field(
         default="auto",
@@ -192,8 +199,8 @@ class AnnotateArguments:
     direction: str | None = field(
         default=None,
         metadata=_help(
-            "direction artifact: a local folder or a Hub repo id; default: the shipped SmolLM2 direction "
-            "(legend_hf/data/smv-smollm2)"
+            "direction artifact: a local folder, a Hub repo id, or a shipped one: smv-smollm2 (the default) or "
+            "smv-gemma3-270m (Gemma 3 270M: graded by severity, about half the time; needs legend-hf[gemma])"
         ),
     )
     direction_revision: str | None = field(default=None, metadata=_help("revision of a Hub direction"))
@@ -314,6 +321,10 @@ class ScaleArguments:
                 raise ValueError(
                     f"--scale must be none, standardize or a number, got {self.scale!r}"
                 ) from None
+        if self.levels is not None and self.bins is None:
+            raise ValueError("--levels needs --bins")
+        if self.bins is not None and self.bins < 2:
+            raise ValueError(f"--bins must be at least 2, got {self.bins}")
         clip = None if self.clip_min is None and self.clip_max is None else (self.clip_min, self.clip_max)
         options: dict[str, Any] = dict(
             scale=None if scale == "none" else scale,

@@ -237,14 +237,18 @@ def run_fit(args: FitArguments, data: InputArguments, runtime: RuntimeOptions, h
     source = args.dataset or FIT_HARMFUL
     harmful = _load_input(source, data)
     harmless = _load_input(args.harmless, data, split=args.harmless_split) if args.harmless else None
-    for name, rows in (("--dataset", harmful), ("--harmless", harmless)):
+    severity = [args.severity_column] if args.severity_column else []
+    for name, rows, needed in (("--dataset", harmful, severity), ("--harmless", harmless, [])):
         columns = [] if rows is None else rows.column_names
         missing = [
-            c for c in (args.prompt_column, args.response_column) if rows is not None and c not in columns
+            c
+            for c in (args.prompt_column, args.response_column, *needed)
+            if rows is not None and c not in columns
         ]
         if missing:
             raise KeyError(
-                f"{name} has no column(s) {missing}; it has {columns} (set --prompt_column/--response_column)"
+                f"{name} has no column(s) {missing}; it has {columns} "
+                "(set --prompt_column/--response_column/--severity_column)"
             )
     start = time.perf_counter()
     direction = fit_direction(
@@ -260,6 +264,7 @@ def run_fit(args: FitArguments, data: InputArguments, runtime: RuntimeOptions, h
         response_column=args.response_column,
         holdout=args.holdout,
         seed=args.seed,
+        severity_column=args.severity_column,
         description=args.description or _fit_description(args, source, refusals),
         model_id=args.model_id,
         runtime=runtime,
