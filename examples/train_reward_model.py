@@ -103,6 +103,12 @@ class ExperimentArguments:
         default=0, metadata={"help": "responses sampled per held-out harmful prompt (0: none)"}
     )
     n_prompts: int = field(default=40, metadata={"help": "held-out harmful prompts for best-of-n"})
+    judge: str = field(
+        default="smv-gemma3-270m",
+        metadata={
+            "help": "best-of-n safety judge: a direction on another annotator than the margins' (needs [gemma])"
+        },
+    )
     data_dir: str = field(default="../shared/data", metadata={"help": "the team's data (best-of-n prompts)"})
     output_dir: str = field(default="legend-hf-output/reward-model", metadata={"help": "results folder"})
 
@@ -159,8 +165,10 @@ def sample_responses(args: ExperimentArguments, prompts: list[str]) -> list[list
     from legend_hf import DEFAULT_DIRECTION, RuntimeOptions, SafetyDirection, generate_responses
 
     cache = Path(args.output_dir) / "best_of_n_samples.json"
-    if cache.is_file() and json.loads(cache.read_text())["prompts"] == prompts:
-        return json.loads(cache.read_text())["samples"]
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached["prompts"] == prompts and all(len(s) == args.best_of_n for s in cached["samples"]):
+            return cached["samples"]
     model = SafetyDirection.from_pretrained(args.direction or str(DEFAULT_DIRECTION)).model_id
     out = generate_responses(
         model,
@@ -180,21 +188,51 @@ def sample_responses(args: ExperimentArguments, prompts: list[str]) -> list[list
     return samples
 
 
-def best_of_n_refusals(
-    model: Any, tokenizer: Any, prompts: list[str], samples: list[list[str]], max_length: int
-) -> float:
-    """Share of prompts whose highest-reward sample is a refusal."""
+def judge_scores(judge: str, prompts: list[str], samples: list[list[str]]) -> list[list[float]]:
+    """Safety scores of every sample from ``--judge``, a direction on another annotator model than the one
+    whose margins trained the reward models (higher: safer)."""
+    from legend_hf import RuntimeOptions, SafetyDirection
+    from legend_hf.scoring import Scorer
+
+    scorer = Scorer(SafetyDirection.from_pretrained(judge), runtime=RuntimeOptions(progress=False))
+    texts = [
+        ([{"role": "user", "content": p}], r)
+        for p, options in zip(prompts, samples, strict=True)
+        for r in options
+    ]
+    flat = scorer.score_responses(texts).safety.tolist()
+    n = len(samples[0])
+    return [flat[i * n : (i + 1) * n] for i in range(len(samples))]
+
+
+def best_of_n(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    samples: list[list[str]],
+    judged: list[list[float]],
+    max_length: int,
+) -> dict[str, float]:
+    """What the reward model picks from each prompt's samples: the share of picks that are refusals, the share
+    that are the judge's safest sample (chance: 1/n), and the judge's score of the pick minus the mean score of
+    the prompt's samples (positive: safer than a random pick), averaged over prompts."""
     from legend_hf.training import encode_texts, rewards
 
-    picks = []
-    for prompt, options in zip(prompts, samples, strict=True):
+    refusal, safest, gain = [], [], []
+    for prompt, options, judge in zip(prompts, samples, judged, strict=True):
         ids = encode_texts(
             tokenizer, [([{"role": "user", "content": prompt}], r) for r in options], max_length
         )
         with torch.inference_mode():
-            scores = rewards(model, tokenizer, ids)
-        picks.append(is_refusal(options[int(scores.argmax())]))
-    return sum(picks) / len(picks)
+            pick = int(rewards(model, tokenizer, ids).argmax())
+        refusal.append(float(is_refusal(options[pick])))
+        safest.append(float(judge[pick] == max(judge)))
+        gain.append(judge[pick] - statistics.fmean(judge))
+    return {
+        "best_of_n_refusal": statistics.fmean(refusal),
+        "best_of_n_judge_safest": statistics.fmean(safest),
+        "best_of_n_judge_gain": statistics.fmean(gain),
+    }
 
 
 def train_one(
@@ -236,8 +274,12 @@ def markdown_table(results: list[dict[str, Any]], seeds: list[int]) -> str:
         "| margin recipe | "
         + " | ".join(f"seed {s}" for s in seeds)
         + " | mean ± s.e. |"
-        + (" best-of-n picks a refusal |" if best_of_n else ""),
-        "|---|" + "---|" * (len(seeds) + 1 + best_of_n),
+        + (
+            " best-of-n: refusal picked | judge's safest picked | judge gain of the pick |"
+            if best_of_n
+            else ""
+        ),
+        "|---|" + "---|" * (len(seeds) + 1 + 3 * best_of_n),
     ]
     for recipe in dict.fromkeys(r["recipe"] for r in results):
         runs = {r["seed"]: r for r in results if r["recipe"] == recipe}
@@ -245,7 +287,8 @@ def markdown_table(results: list[dict[str, Any]], seeds: list[int]) -> str:
             mean_se([r["accuracy"] for r in runs.values()])
         ]
         if best_of_n:
-            cells.append(mean_se([r["best_of_n_refusal"] for r in runs.values()]))
+            for key in ("best_of_n_refusal", "best_of_n_judge_safest", "best_of_n_judge_gain"):
+                cells.append(mean_se([r[key] for r in runs.values()]))
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -253,7 +296,7 @@ def markdown_table(results: list[dict[str, Any]], seeds: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
-    from legend_hf import read_record
+    from legend_hf import SafetyDirection, read_record
     from legend_hf.evaluation import LabelledPairs
     from legend_hf.training import reward_accuracy
 
@@ -282,9 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     test_pairs = LabelledPairs.from_data(test)
     prompts: list[str] = []
     samples: list[list[str]] = []
+    judged: list[list[float]] = []
     if args.best_of_n:
         prompts = held_out_prompts(args.data_dir, args.n_prompts)[0]
         samples = sample_responses(args, prompts)
+        judged = judge_scores(args.judge, prompts, samples)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes:
@@ -304,14 +349,15 @@ def main(argv: list[str] | None = None) -> int:
                     "train_seconds": time.perf_counter() - began,
                 }
                 if args.best_of_n:
-                    run["best_of_n_refusal"] = best_of_n_refusals(
-                        model, trainer.processing_class, prompts, samples, args.max_length
+                    run |= best_of_n(
+                        model, trainer.processing_class, prompts, samples, judged, args.max_length
                     )
                 results.append(run)
                 print(
                     f"recipe {recipe:<10} seed {seed}: held-out accuracy {run['accuracy']:.4f}"
                     + (
-                        f", best-of-{args.best_of_n} picks a refusal {run['best_of_n_refusal']:.3f}"
+                        f", best-of-{args.best_of_n} picks a refusal {run['best_of_n_refusal']:.3f}, the judge's "
+                        f"safest {run['best_of_n_judge_safest']:.3f} (judge gain {run['best_of_n_judge_gain']:+.2f})"
                         if args.best_of_n
                         else ""
                     )
@@ -322,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     label_quality = sum(bool(train_labels.chosen_is_safer[i]) for i in ordered) / max(len(ordered), 1)
     agreement = sum((raw[i] > 0) == train_labels.chosen_is_safer[i] for i in ordered) / max(len(ordered), 1)
     refusal_share = [sum(map(is_refusal, options)) / len(options) for options in samples]
-    summary = {
+    summary: dict[str, Any] = {
         "settings": {
             **asdict(args),
             "backbone": backbone,
@@ -343,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
             "judge": validate_judge() if args.best_of_n else None,
             "random_pick_refusal": statistics.fmean(refusal_share) if samples else None,
             "any_refusal": sum(s > 0 for s in refusal_share) / len(samples) if samples else None,
+            "safety_judge": args.judge if samples else None,
+            "safety_judge_evaluation": SafetyDirection.from_pretrained(args.judge).evaluation
+            if samples
+            else None,
+            "judge_scores": judged,
         },
         "runs": results,
     }

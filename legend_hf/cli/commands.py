@@ -607,6 +607,7 @@ def _train(
         per_device_train_batch_size=args.batch_size,
         bf16=False,  # TRL's default bf16 fails on most CPUs and makes CPU rewards coarse
         activation_checkpointing=False,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
         save_strategy="no",
         report_to=[],
         logging_steps=10,
