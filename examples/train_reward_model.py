@@ -188,13 +188,13 @@ def sample_responses(args: ExperimentArguments, prompts: list[str]) -> list[list
     return samples
 
 
-def judge_scores(judge: str, prompts: list[str], samples: list[list[str]]) -> list[list[float]]:
-    """Safety scores of every sample from ``--judge``, a direction on another annotator model than the one
-    whose margins trained the reward models (higher: safer)."""
-    from legend_hf import RuntimeOptions, SafetyDirection
+def judge_scores(judge: Any, prompts: list[str], samples: list[list[str]]) -> list[list[float]]:
+    """Safety scores of every sample from ``judge`` (``--judge``), a direction on another annotator model than
+    the one whose margins trained the reward models (higher: safer)."""
+    from legend_hf import RuntimeOptions
     from legend_hf.scoring import Scorer
 
-    scorer = Scorer(SafetyDirection.from_pretrained(judge), runtime=RuntimeOptions(progress=False))
+    scorer = Scorer(judge, runtime=RuntimeOptions(progress=False))
     texts = [
         ([{"role": "user", "content": p}], r)
         for p, options in zip(prompts, samples, strict=True)
@@ -326,10 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts: list[str] = []
     samples: list[list[str]] = []
     judged: list[list[float]] = []
-    if args.best_of_n:
+    judge = SafetyDirection.from_pretrained(args.judge) if args.best_of_n else None
+    if judge is not None:
         prompts = held_out_prompts(args.data_dir, args.n_prompts)[0]
         samples = sample_responses(args, prompts)
-        judged = judge_scores(args.judge, prompts, samples)
+        judged = judge_scores(judge, prompts, samples)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes:
@@ -390,9 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             "random_pick_refusal": statistics.fmean(refusal_share) if samples else None,
             "any_refusal": sum(s > 0 for s in refusal_share) / len(samples) if samples else None,
             "safety_judge": args.judge if samples else None,
-            "safety_judge_evaluation": SafetyDirection.from_pretrained(args.judge).evaluation
-            if samples
-            else None,
+            "safety_judge_evaluation": None if judge is None else judge.evaluation,
             "judge_scores": judged,
         },
         "runs": results,
