@@ -152,7 +152,7 @@ class StateCache:
         todo = list({self._key(c): c for c in conversations if self._key(c) not in self.states}.items())
         if todo:
             if self.reader is None:
-                runtime = RuntimeOptions(max_length=self.max_length, device="cpu")
+                runtime = RuntimeOptions(max_length=self.max_length, device="cpu", dtype="float32")
                 model, tokenizer = load_model(self.model_id, runtime=runtime)
                 layers = list(range(1, num_layers(model) + 1))
                 template = TextTemplate.resolve(None, tokenizer)

@@ -913,7 +913,9 @@ def package_recipe(model_path: str, max_length: int) -> Any:
     from legend_hf.recipes import fit_balanced
 
     groups, refusals, completions = default_fit_data()
-    runtime = RuntimeOptions(device="cpu", max_length=max_length)
+    runtime = RuntimeOptions(
+        device="cpu", dtype="float32", max_length=max_length
+    )  # the tables: exact float32
     return fit_balanced(model_path, groups, refusals, completions, runtime=runtime)
 
 
@@ -940,7 +942,7 @@ def shipped(sets: Sets, model_path: str, key: str, out: Path, max_length: int, p
         model_path,
         # The grid's truncation (it matters for HH-RLHF dialogues only); each text read in full, as the
         # grid's states are (a shared prompt's KV cache gives the same states within float noise).
-        runtime=RuntimeOptions(device="cpu", max_length=max_length, share_prompt=False),
+        runtime=RuntimeOptions(device="cpu", dtype="float32", max_length=max_length, share_prompt=False),
         layers=sorted(direction.vectors),
     )
     per_layer = scorer.pair_scores(sets.test.chosen, sets.test.rejected)
@@ -1085,7 +1087,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.shipped:
         shipped(sets, path, key, args.out, args.max_length, args.direction)
         return
-    model, tokenizer = load_model(path, runtime=RuntimeOptions(device="cpu"))
+    model, tokenizer = load_model(path, runtime=RuntimeOptions(device="cpu", dtype="float32"))
     n_layers = num_layers(model)
     templates = (
         args.templates.split(",")

@@ -100,17 +100,19 @@ class MarginAnnotator:
     def new_columns(self) -> list[str]:
         return BASE_COLUMNS + self.scale.new_columns
 
-    def record(self) -> AnnotationRecord:
-        """The provenance record of this annotator's margins."""
+    def record(self, run: dict[str, Any] | None = None) -> AnnotationRecord:
+        """The provenance record of this annotator's margins; ``run`` (default: :meth:`Scorer.run_fields`,
+        which loads the model) says how the model ran."""
         return AnnotationRecord.of(
             self.direction,
             model_id=None if self.scorer.model_id == self.direction.model_id else self.scorer.model_id,
             **self.scale.record_fields(),
+            **(run if run is not None else self.scorer.run_fields()),
         )
 
-    def features(self, features: Any) -> Any:
+    def features(self, features: Any, run: dict[str, Any] | None = None) -> Any:
         """``features`` plus the new columns, with the provenance record (for ``Dataset.map(features=...)``)."""
-        return annotated_features(features, self.new_columns, self.record())
+        return annotated_features(features, self.new_columns, self.record(run))
 
     def check_columns(self, column_names: Sequence[str]) -> None:
         """Raise, before any compute, when a text column is missing or a new column already exists."""

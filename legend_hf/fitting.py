@@ -25,6 +25,7 @@ from .formatting import Conversation, InputError, TextTemplate, to_conversation
 from .hidden_states import TextReader
 from .models import default_pooling, load_model, model_identity, normalize_layer, num_layers
 from .options import RuntimeOptions, runtime_options
+from .precision import compute_dtypes
 from .stats import roc_auc
 
 logger = logging.getLogger(__name__)
@@ -315,6 +316,7 @@ def fit_direction(
         "n_truncated": sum(truncated),
         "seed": seed,
         "holdout": holdout,
+        "dtype": compute_dtypes(base)[0],  # of the matmuls that read the fit texts
     }
     if severity is not None:
         fit_data["severity_column"] = severity_column

@@ -1,9 +1,10 @@
 """Pooled hidden states of texts: the forward pass stops at the deepest layer needed.
 
-Texts are batched by a token budget in length order (halved on out-of-memory), padded on the tokenizer's
-side with position ids taken from the attention mask, so results do not depend on batch size, padding
-side or row order. Decoders can run the prompt shared by two texts once and continue both from its KV
-cache. :class:`TextReader` is what fitting and scoring read through.
+Texts are grouped by a token budget in length order (halved on out-of-memory) and run as packed rows
+without padding (:mod:`legend_hf.packing`), or, for models that cannot pack, as padded batches with
+position ids taken from the attention mask; results do not depend on batch size, padding side or row
+order. Decoders run the prompt shared by two texts once and continue both from its keys and values.
+:class:`TextReader` is what fitting and scoring read through.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,8 +21,15 @@ from torch import nn
 from .formatting import Conversation, TextTemplate
 from .models import POOLINGS, context_length, find_layers, is_decoder, normalize_layer
 from .options import RuntimeOptions
+from .packing import Pack, packed_attention, supports_packing, to_device
 
 logger = logging.getLogger(__name__)
+
+# Default token budgets of a packed row: on 2 CPU cores bf16 matmuls reach ~90% of their best speed at 2048
+# tokens (bench/README.md); GPUs want rows large enough to fill them. A GPU reads texts in chunks of pairs.
+CPU_TOKENS = 2048
+GPU_TOKENS = 16384
+GPU_CHUNK = 256
 
 
 class _StopForward(Exception):
@@ -99,10 +107,56 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
-class LayerReader:
-    """Reads pooled hidden states at a set of layers, running blocks only up to the deepest one."""
+@dataclass
+class Reading:
+    """Pooled states of ``n`` texts as batches finish, still on the model's device: :meth:`result` moves them
+    to the host once, so a GPU runs every queued batch while the host prepares the next texts."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[int], pooling: str) -> None:
+    layers: list[int]
+    n: int
+    hidden_size: int
+    batches: list[tuple[list[int], dict[int, torch.Tensor]]] = field(default_factory=list)
+
+    def result(self) -> dict[int, torch.Tensor]:
+        """``{layer: (n, hidden)}`` fp32 on the CPU, in text order."""
+        out = {k: torch.empty((self.n, self.hidden_size), dtype=torch.float32) for k in self.layers}
+        for index, states in self.batches:
+            for k in self.layers:
+                out[k][index] = states[k].cpu()
+        return out
+
+
+def pack_batches(
+    lengths: Sequence[int], *, max_tokens: int, max_batch_size: int | None = None
+) -> list[list[int]]:
+    """Indices grouped longest first, each group's total tokens within ``max_tokens`` (a packed row)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i in order:
+        full = max_batch_size is not None and len(current) >= max_batch_size
+        if current and (full or total + lengths[i] > max_tokens):
+            batches.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+class LayerReader:
+    """Reads pooled hidden states at a set of layers, running blocks only up to the deepest one.
+
+    ``packing`` (default: where the model supports it, :func:`legend_hf.packing.supports_packing`) runs the
+    texts of a token budget as one row without padding; otherwise texts are padded into length-sorted batches.
+    Results stay on the model's device until a read ends, so a GPU never waits for the host between batches.
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: Sequence[int], pooling: str, *, packing: bool | None = None
+    ) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.model = model
@@ -112,29 +166,24 @@ class LayerReader:
         self.pooling = pooling
         params = inspect.signature(model.forward).parameters
         self._extra_inputs = {"position_ids", "use_cache"} & set(params)
-        # transformers renamed the KV-cache argument from ``past_key_values`` to ``cache`` (5.2x).
-        self._cache_input = next((k for k in ("cache", "past_key_values") if k in params), None)
-        self.can_share_prefix = (
-            is_decoder(model) and "position_ids" in self._extra_inputs and self._cache_input is not None
-        )
+        # BERT-style models default token types from a buffer as long as their context; a packed row is longer.
+        self._token_types = any(name.endswith("token_type_ids") for name, _ in model.named_buffers())
+        self.packing = supports_packing(model) if packing is None else packing and supports_packing(model)
+        # A shared prompt runs once, its keys and values kept for both continuations (packed rows only).
+        self.can_share_prefix = self.packing and is_decoder(model)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def hidden(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        *,
-        position_ids: torch.Tensor | None = None,
-        cache: Any = None,
-    ) -> dict[int, torch.Tensor]:
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return to_device(tensor, self.device)
+
+    def hidden(self, input_ids: torch.Tensor, **inputs: Any) -> dict[int, torch.Tensor]:
         """Unpooled states ``{layer: (batch, seq, hidden)}``; blocks past the deepest layer never run.
 
-        ``attention_mask`` covers cached and new tokens; with ``cache`` (a ``DynamicCache``) the new
-        tokens continue the cached ones and the cache is extended in place.
-        """
+        ``inputs`` go to the model's forward as they are (``attention_mask``, ``position_ids``,
+        ``legend_pack``...), on its device."""
         captured: dict[int, torch.Tensor] = {}
         deepest = self.layers[-1]
         handles = []
@@ -157,16 +206,11 @@ class LayerReader:
                 handles.append(self.blocks[0].register_forward_pre_hook(capture_input, with_kwargs=True))
             elif index < self.n_layers:
                 handles.append(self.blocks[index - 1].register_forward_hook(capture(index)))
-        device = self.device
-        attention_mask = attention_mask.to(device)
-        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention_mask}
-        if "position_ids" in self._extra_inputs:
-            if position_ids is None:
-                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            kwargs["position_ids"] = position_ids.to(device)
-        if cache is not None:
-            kwargs.update({self._cache_input or "past_key_values": cache, "use_cache": True})
-        elif "use_cache" in self._extra_inputs:
+        kwargs = {
+            "input_ids": self._to_device(input_ids),
+            **{k: self._to_device(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
+        }
+        if "use_cache" in self._extra_inputs:
             kwargs["use_cache"] = False
         try:
             with torch.inference_mode():
@@ -179,14 +223,54 @@ class LayerReader:
         return {k: captured[k] for k in self.layers}
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Pooled fp32 states ``{layer: (batch, hidden)}`` for one padded batch."""
-        states = self.hidden(input_ids, attention_mask)
-        mask = attention_mask.to(self.device)
-        return {k: pool(v, mask, self.pooling).cpu() for k, v in states.items()}
+        """Pooled fp32 states ``{layer: (batch, hidden)}`` of one padded batch (position ids from the mask)."""
+        inputs: dict[str, Any] = {"attention_mask": attention_mask}
+        if "position_ids" in self._extra_inputs:
+            inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        states = self.hidden(input_ids, **inputs)
+        mask = self._to_device(attention_mask)
+        return {k: pool(v, mask, self.pooling) for k, v in states.items()}
 
-    def _empty(self, n: int) -> dict[int, torch.Tensor]:
+    def forward_pack(self, texts: Sequence[Sequence[int]], pack: Pack) -> dict[int, torch.Tensor]:
+        """Unpooled states ``{layer: (tokens, hidden)}`` of ``texts`` run as one packed row."""
+        ids = torch.tensor([[t for text in texts for t in text]], dtype=torch.long)
+        inputs: dict[str, Any] = {"position_ids": pack.position_ids(), "legend_pack": pack}
+        if self._token_types:
+            inputs["token_type_ids"] = torch.zeros_like(ids)
+        with packed_attention(self.model):
+            states = self.hidden(ids, **inputs)
+        return {k: v[0] for k, v in states.items()}
+
+    def _pool_pack(
+        self, states: dict[int, torch.Tensor], pack: Pack, prefix_sums: dict[int, torch.Tensor] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Pooled fp32 states of each text of ``pack``; a continuation's mean includes its prefix's tokens."""
+        lengths = torch.tensor(pack.lengths)
+        if self.pooling == "last":
+            index = self._to_device(lengths.cumsum(0) - 1)
+            return {k: v[index].float() for k, v in states.items()}
+        sums = self._segment_sums(states, pack)
+        counts = lengths
+        if prefix_sums is not None:
+            assert pack.prefix is not None and pack.prefix_of is not None
+            counts = lengths + torch.tensor([pack.prefix.lengths[p] for p in pack.prefix_of])
+            of = self._to_device(torch.tensor(pack.prefix_of))
+            sums = {k: s + prefix_sums[k][of] for k, s in sums.items()}
+        divide = self._to_device(counts.float().unsqueeze(1))
+        return {k: s / divide for k, s in sums.items()}
+
+    def _segment_sums(self, states: dict[int, torch.Tensor], pack: Pack) -> dict[int, torch.Tensor]:
+        text = self._to_device(
+            torch.repeat_interleave(torch.arange(len(pack.lengths)), torch.tensor(pack.lengths))
+        )
+        return {
+            k: torch.zeros(len(pack.lengths), v.shape[-1], device=v.device).index_add_(0, text, v.float())
+            for k, v in states.items()
+        }
+
+    def reading(self, n: int) -> Reading:
         config: Any = self.model.config
-        return {k: torch.empty((n, int(config.hidden_size)), dtype=torch.float32) for k in self.layers}
+        return Reading(self.layers, n, int(config.hidden_size))
 
     def read(
         self,
@@ -194,28 +278,57 @@ class LayerReader:
         *,
         pad_id: int,
         padding_side: str = "right",
-        max_tokens: int = 8192,
+        max_tokens: int = 2048,
         max_batch_size: int | None = None,
         on_batch: Callable[[int], object] | None = None,
     ) -> dict[int, torch.Tensor]:
-        """Pooled states of every text, in input order, batched by ``max_tokens`` in length order.
+        """Pooled states of every text, in input order: packed rows of at most ``max_tokens`` tokens, or
+        padded batches of at most ``max_tokens`` padded tokens, grouped in length order.
 
         ``on_batch(n)`` is called after each batch of ``n`` texts (a progress bar's ``update``)."""
-        out = self._empty(len(input_ids))
+        reading = self.reading(len(input_ids))
+        self.start_read(
+            input_ids,
+            reading,
+            list(range(len(input_ids))),
+            pad_id,
+            padding_side,
+            max_tokens,
+            max_batch_size,
+            on_batch,
+        )
+        return reading.result()
+
+    def start_read(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        reading: Reading,
+        index: list[int],
+        pad_id: int,
+        padding_side: str,
+        max_tokens: int,
+        max_batch_size: int | None,
+        on_batch: Callable[[int], object] | None,
+    ) -> None:
+        """Queue the reads of ``input_ids`` into ``reading`` at positions ``index`` (see :meth:`read`)."""
         for i, row in enumerate(input_ids):
             if not row:
-                raise ValueError(f"text {i} has no tokens: give it a template or a non-empty prompt/response")
+                raise ValueError(
+                    f"text {index[i]} has no tokens: give it a template or a non-empty prompt/response"
+                )
 
         def run(batch: list[int]) -> None:
-            ids, mask = pad([input_ids[i] for i in batch], pad_id, padding_side)
-            states = self(ids, mask)
-            for k in self.layers:
-                out[k][batch] = states[k]
+            texts = [input_ids[i] for i in batch]
+            if self.packing:
+                pack = Pack([len(x) for x in texts])
+                states = self._pool_pack(self.forward_pack(texts, pack), pack)
+            else:
+                states = self(*pad(texts, pad_id, padding_side))
+            reading.batches.append(([index[i] for i in batch], states))
             if on_batch is not None:
                 on_batch(len(batch))
 
         self._run_batches([len(x) for x in input_ids], run, max_tokens, max_batch_size)
-        return out
 
     def read_pairs(
         self,
@@ -223,54 +336,76 @@ class LayerReader:
         second: Sequence[Sequence[int]],
         *,
         pad_id: int,
-        max_tokens: int = 8192,
+        max_tokens: int = 2048,
         max_batch_size: int | None = None,
         on_batch: Callable[[int], object] | None = None,
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Pooled states of text pairs that share a token prefix (a prompt), running the prefix once.
 
-        The shared prefix goes through the model once with a KV cache; both continuations run from it.
-        For a causal model this equals reading each text in full (within float noise). The prefix is the
-        longest common token prefix, so any template works and the boundary never needs to be known.
+        The shared prefixes of a batch run as one packed row whose keys and values are kept; both
+        continuations of each pair then run as a second packed row attending to them. For a causal model
+        this equals reading each text in full (within float noise). The prefix is the longest common token
+        prefix, so any template works and the boundary never needs to be known. Without
+        :attr:`can_share_prefix` every text is read in full.
         """
+        n = len(first)
+        reading = self.reading(2 * n)
+        positions = (list(range(n)), list(range(n, 2 * n)))
+        self.start_read_pairs(first, second, reading, positions, pad_id, max_tokens, max_batch_size, on_batch)
+        states = reading.result()
+        return {k: v[:n] for k, v in states.items()}, {k: v[n:] for k, v in states.items()}
+
+    def start_read_pairs(
+        self,
+        first: Sequence[Sequence[int]],
+        second: Sequence[Sequence[int]],
+        reading: Reading,
+        positions: tuple[list[int], list[int]],
+        pad_id: int,
+        max_tokens: int,
+        max_batch_size: int | None,
+        on_batch: Callable[[int], object] | None,
+    ) -> None:
+        """Queue :meth:`read_pairs` into ``reading``: ``first[i]`` at ``positions[0][i]``, ``second[i]`` at
+        ``positions[1][i]``."""
         if len(first) != len(second):
             raise ValueError(
                 f"read_pairs needs as many first as second texts ({len(first)} != {len(second)})"
             )
+        at_first, at_second = positions
         for i, (a, b) in enumerate(zip(first, second, strict=True)):
             if not a or not b:
-                raise ValueError(f"pair {i} has a text with no tokens")
+                raise ValueError(f"pair {at_first[i]} has a text with no tokens")
+        options = (pad_id, "right", max_tokens, max_batch_size, on_batch)
+        if not self.can_share_prefix:
+            self.start_read([*first, *second], reading, [*at_first, *at_second], *options)
+            return
         shared = [
             min(_common_prefix(a, b), len(a) - 1, len(b) - 1) for a, b in zip(first, second, strict=True)
         ]
-        out_first, out_second = self._empty(len(first)), self._empty(len(second))
-        alone = [i for i, n in enumerate(shared) if n == 0]  # nothing to share: read in full
+        alone = [i for i, s in enumerate(shared) if s == 0]  # nothing to share: read in full
         if alone:
             texts = [first[i] for i in alone] + [second[i] for i in alone]
-            states = self.read(
-                texts, pad_id=pad_id, max_tokens=max_tokens, max_batch_size=max_batch_size, on_batch=on_batch
-            )
-            for k in self.layers:
-                out_first[k][alone], out_second[k][alone] = states[k][: len(alone)], states[k][len(alone) :]
-        sharing = [i for i, n in enumerate(shared) if n > 0]
-        # The continuation pass holds 2 rows of (prefix + suffix) per pair: budget on that.
-        cost = [2 * max(len(first[i]), len(second[i])) for i in sharing]
+            index = [at_first[i] for i in alone] + [at_second[i] for i in alone]
+            self.start_read(texts, reading, index, *options)
+        sharing = [i for i, s in enumerate(shared) if s > 0]
 
         def run(group: list[int]) -> None:
             batch = [sharing[j] for j in group]
-            prefixes = [list(first[i][: shared[i]]) for i in batch]
-            suffixes = [list(first[i][shared[i] :]) for i in batch] + [
-                list(second[i][shared[i] :]) for i in batch
-            ]
-            states = self._read_continuations(prefixes, suffixes, pad_id)
-            for k in self.layers:
-                out_first[k][batch] = states[k][: len(batch)]
-                out_second[k][batch] = states[k][len(batch) :]
+            prefixes = [first[i][: shared[i]] for i in batch]
+            suffixes = [first[i][shared[i] :] for i in batch] + [second[i][shared[i] :] for i in batch]
+            prefix = Pack([len(p) for p in prefixes], keep=True)
+            prefix_states = self.forward_pack(prefixes, prefix)
+            prefix_sums = self._segment_sums(prefix_states, prefix) if self.pooling == "mean" else None
+            continuation = Pack([len(s) for s in suffixes], prefix=prefix, prefix_of=[*range(len(batch))] * 2)
+            states = self._pool_pack(self.forward_pack(suffixes, continuation), continuation, prefix_sums)
+            reading.batches.append(([at_first[i] for i in batch] + [at_second[i] for i in batch], states))
             if on_batch is not None:
                 on_batch(2 * len(batch))
 
+        # Tokens each pair computes: the prompt once, both continuations.
+        cost = [len(first[i]) + len(second[i]) - shared[i] for i in sharing]
         self._run_batches(cost, run, max_tokens, max_batch_size)
-        return out_first, out_second
 
     def _run_batches(
         self,
@@ -285,7 +420,8 @@ class LayerReader:
         budget (with a warning naming the budget to pass next time). One item alone that does not fit
         re-raises, naming its size.
         """
-        pending = length_batches(costs, max_tokens=max_tokens, max_batch_size=max_batch_size)
+        group = pack_batches if self.packing else length_batches
+        pending = group(costs, max_tokens=max_tokens, max_batch_size=max_batch_size)
         while pending:
             batch = pending.pop(0)
             try:
@@ -294,60 +430,24 @@ class LayerReader:
             except torch.OutOfMemoryError as error:
                 if len(batch) == 1:
                     raise torch.OutOfMemoryError(
-                        f"out of memory on a single text or pair ({costs[batch[0]]} padded tokens): lower "
+                        f"out of memory on a single text or pair ({costs[batch[0]]} tokens): lower "
                         f"max_length, use a smaller dtype or a device with more memory ({error})"
                     ) from error
             # Outside the handler, whose traceback still holds the failed batch's tensors.
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            padded = len(batch) * max(costs[i] for i in batch)
-            max_tokens = max(1, padded // 2)
+            size = sum(costs[i] for i in batch) if self.packing else len(batch) * max(costs[i] for i in batch)
+            max_tokens = max(1, size // 2)
             logger.warning(
-                "out of memory on a batch of %d (%d padded tokens): retrying with max_tokens_per_batch=%d "
+                "out of memory on a batch of %d (%d tokens): retrying with max_tokens_per_batch=%d "
                 "(pass that to avoid the retries)",
                 len(batch),
-                padded,
+                size,
                 max_tokens,
             )
             left = batch + [i for b in pending for i in b]
-            regrouped = length_batches(
-                [costs[i] for i in left], max_tokens=max_tokens, max_batch_size=max_batch_size
-            )
+            regrouped = group([costs[i] for i in left], max_tokens=max_tokens, max_batch_size=max_batch_size)
             pending = [[left[j] for j in b] for b in regrouped]
-
-    def _read_continuations(
-        self, prefixes: list[list[int]], suffixes: list[list[int]], pad_id: int
-    ) -> dict[int, torch.Tensor]:
-        """Pool ``2B`` texts: suffix ``j`` continues (non-empty) prefix ``j % B``."""
-        from transformers import DynamicCache
-
-        repeat = torch.arange(len(suffixes)) % len(prefixes)
-        suffix_ids, suffix_mask = pad(suffixes, pad_id, "right")
-        prefix_ids, prefix_mask = pad(prefixes, pad_id, "right")
-        prefix_len = prefix_mask.sum(1)
-        device = self.device
-        config: Any = self.model.config
-        cache = DynamicCache(config=config)
-        prefix_states = self.hidden(prefix_ids, prefix_mask, cache=cache)
-        prefix_sums = {}
-        if self.pooling == "mean":  # the prompt's part of each mean pool
-            keep = prefix_mask.to(device).bool().unsqueeze(-1)
-            prefix_sums = {k: torch.where(keep, v.float(), 0.0).sum(1) for k, v in prefix_states.items()}
-        cache.reorder_cache(repeat.to(device))  # type: ignore[arg-type]
-        full_mask = torch.cat([prefix_mask[repeat], suffix_mask], dim=1)
-        positions = prefix_len[repeat].unsqueeze(1) + torch.arange(suffix_ids.shape[1]).unsqueeze(0)
-        states = self.hidden(suffix_ids, full_mask, position_ids=positions, cache=cache)
-        mask = suffix_mask.to(device)
-        out = {}
-        for k, v in states.items():
-            if self.pooling == "last":
-                out[k] = pool(v, mask, "last")
-            else:
-                total = torch.where(mask.bool().unsqueeze(-1), v.float(), 0.0).sum(1)
-                total = total + prefix_sums[k][repeat.to(device)]
-                count = mask.sum(1) + prefix_len[repeat].to(device)
-                out[k] = total / count.unsqueeze(1).float()
-        return {k: v.cpu() for k, v in out.items()}
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -359,7 +459,11 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class TextReader:
-    """Format, tokenise and read (prompt messages, response) pairs at ``layers``: pooled fp32 states."""
+    """Format, tokenise and read (prompt messages, response) pairs at ``layers``: pooled fp32 states.
+
+    On a GPU the texts are formatted and tokenised a chunk at a time while the GPU runs the chunk before
+    (nothing waits for the device until every chunk is queued).
+    """
 
     def __init__(
         self,
@@ -376,18 +480,14 @@ class TextReader:
         runtime = runtime or RuntimeOptions()
         self.tokenizer = tokenizer
         self.template = template
-        self.layer_reader = LayerReader(model, layers, pooling)
+        self.layer_reader = LayerReader(model, layers, pooling, packing=runtime.packing)
         self.max_length = max_length or runtime.max_length or context_length(model, tokenizer)
-        self.max_tokens_per_batch = runtime.max_tokens_per_batch
-        on_cpu = self.layer_reader.device.type == "cpu"
-        # On a CPU one text (or pair) per forward beats padded batches (bench/README.md: ~2x on 2 cores).
-        self.max_batch_size = (
-            runtime.max_batch_size if runtime.max_batch_size is not None else (1 if on_cpu else None)
-        )
-        # Prompt sharing pays on a CPU (1.26x) but cost 26% on an H200, where the prefix and continuation
-        # passes pad more than one full pass (bench/README.md): default on for CPUs only.
-        share = on_cpu if runtime.share_prompt is None else runtime.share_prompt
+        on_gpu = self.layer_reader.device.type == "cuda"
+        self.max_tokens_per_batch = runtime.max_tokens_per_batch or (GPU_TOKENS if on_gpu else CPU_TOKENS)
+        self.max_batch_size = runtime.max_batch_size
+        share = True if runtime.share_prompt is None else runtime.share_prompt
         self.share_prompt = share and self.layer_reader.can_share_prefix
+        self.chunk = GPU_CHUNK if on_gpu else None
         # A progress bar's description (texts/s, ETA; shown on terminals), or none.
         self.progress = progress if runtime.progress else None
         pad_id = tokenizer.pad_token_id
@@ -414,19 +514,30 @@ class TextReader:
             add_special_tokens=self.template.adds_special_tokens,
         )
 
+    def _chunks(self, n: int) -> list[range]:
+        step = self.chunk or max(n, 1)
+        return [range(i, min(i + step, n)) for i in range(0, n, step)]
+
     def read(self, conversations: Sequence[Conversation]) -> tuple[dict[int, torch.Tensor], list[bool]]:
         """Pooled fp32 states ``{layer: (n, hidden)}`` in input order, and a truncated flag per text."""
-        encoded = self._encode(conversations)
+        reader = self.layer_reader
+        reading = reader.reading(len(conversations))
+        truncated: list[bool] = []
         with self._bar(len(conversations)) as bar:
-            states = self.layer_reader.read(
-                encoded.input_ids,
-                pad_id=self.pad_id,
-                padding_side=getattr(self.tokenizer, "padding_side", "right") or "right",
-                max_tokens=self.max_tokens_per_batch,
-                max_batch_size=self.max_batch_size,
-                on_batch=bar.update,
-            )
-        return states, encoded.truncated
+            for part in self._chunks(len(conversations)):
+                encoded = self._encode([conversations[i] for i in part])
+                truncated += encoded.truncated
+                reader.start_read(
+                    encoded.input_ids,
+                    reading,
+                    list(part),
+                    self.pad_id,
+                    getattr(self.tokenizer, "padding_side", "right") or "right",
+                    self.max_tokens_per_batch,
+                    self.max_batch_size,
+                    bar.update,
+                )
+            return reading.result(), truncated
 
     def read_pairs(
         self,
@@ -438,14 +549,29 @@ class TextReader:
         """
         if not self.share_prompt:
             return self.read([*first, *second])
-        a, b = self._encode(first), self._encode(second)
-        with self._bar(len(first) + len(second)) as bar:
-            states_a, states_b = self.layer_reader.read_pairs(
-                a.input_ids,
-                b.input_ids,
-                pad_id=self.pad_id,
-                max_tokens=self.max_tokens_per_batch,
-                max_batch_size=self.max_batch_size,
-                on_batch=bar.update,
+        if len(first) != len(second):
+            raise ValueError(
+                f"read_pairs needs as many first as second texts ({len(first)} != {len(second)})"
             )
-        return {k: torch.cat([states_a[k], states_b[k]]) for k in states_a}, a.truncated + b.truncated
+        n = len(first)
+        reader = self.layer_reader
+        reading = reader.reading(2 * n)
+        flags_first: list[bool] = []
+        flags_second: list[bool] = []
+        with self._bar(2 * n) as bar:
+            for part in self._chunks(n):
+                a = self._encode([first[i] for i in part])
+                b = self._encode([second[i] for i in part])
+                flags_first += a.truncated
+                flags_second += b.truncated
+                reader.start_read_pairs(
+                    a.input_ids,
+                    b.input_ids,
+                    reading,
+                    (list(part), [n + i for i in part]),
+                    self.pad_id,
+                    self.max_tokens_per_batch,
+                    self.max_batch_size,
+                    bar.update,
+                )
+            return reading.result(), flags_first + flags_second

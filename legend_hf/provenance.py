@@ -152,7 +152,12 @@ class MarginScale:
 
 @dataclass(frozen=True)
 class AnnotationRecord:
-    """Provenance of a ``margin`` column: the direction, the annotator model and how margins were scaled.
+    """Provenance of a ``margin`` column: the direction, the annotator model, how it ran and how margins were
+    scaled.
+
+    How the model ran: ``dtype`` is the dtype of its matmuls and ``residual_dtype`` that of its residual stream
+    (float32 under bfloat16 matmuls where texts are packed, :mod:`legend_hf.precision`); ``max_length`` is the
+    token limit texts were cut to and ``model_revision`` the model's commit or revision, when known.
 
     ``scale`` is ``None`` (``margin`` is the raw projection difference), ``"standardize"`` (divided by
     the raw margins' standard deviation, times ``target_std``) or ``"fixed"``; ``scale_factor`` multiplies the raw margin,
@@ -180,15 +185,18 @@ class AnnotationRecord:
     bins: int | None = None
     bin_edges: list[float] | None = None
     levels: list[float] | None = None
+    dtype: str | None = None
+    residual_dtype: str | None = None
 
     @classmethod
     def of(
         cls, direction: SafetyDirection, *, model_id: str | None = None, **fields_: Any
     ) -> AnnotationRecord:
-        """The record of margins from ``direction`` (``model_id``: another model than the recorded one)."""
+        """The record of margins from ``direction`` (``model_id``: another model than the recorded one);
+        ``fields_`` set the others (how the model ran, the scale), over the direction's own settings."""
         from . import __version__
 
-        return cls(
+        record = cls(
             direction=direction.name,
             direction_revision=direction.source_revision,
             direction_fingerprint=direction.fingerprint(),
@@ -201,8 +209,8 @@ class AnnotationRecord:
             method=direction.method,
             max_length=direction.max_length,
             library_version=__version__,
-            **fields_,
         )
+        return replace(record, **fields_)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,6 +9,7 @@ returns the rows in input order after checking that each one is there exactly on
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 from pathlib import Path
@@ -18,6 +19,8 @@ from .annotate import MarginAnnotator
 from .direction import SafetyDirection
 from .distributed import ROW_COLUMN, run_config, write_manifest
 from .provenance import COLUMN_TYPES
+
+RUN_KEY = "legend_hf_run"  # Parquet schema metadata: how the actor's model ran (Scorer.run_fields)
 
 
 def _import_ray() -> Any:
@@ -42,7 +45,9 @@ class _RayAnnotator:
         out = self.annotator(
             table.to_pydict(), table.column(ROW_COLUMN).to_pylist()
         )  # errors name input rows
-        table = table.replace_schema_metadata(None)
+        # How this actor's model ran, for the record the driver writes (it never loads the model).
+        run = json.dumps(self.annotator.scorer.run_fields())
+        table = table.replace_schema_metadata({RUN_KEY: run})
         for column in self.annotator.new_columns:
             table = table.append_column(
                 column, pa.array(out[column], type=Value(COLUMN_TYPES[column]).pa_type)
@@ -87,6 +92,15 @@ def parquet_pieces(paths: str | os.PathLike[str] | list[str]) -> tuple[list[dict
             pieces.append({"path": file, "row_group": group, "start": start})
             start += meta.row_group(group).num_rows
     return pieces, start, schema
+
+
+def _run_fields(folder: Path) -> dict[str, Any]:
+    """How the actors' models ran, from the schema metadata of the Parquet files they wrote."""
+    import pyarrow.parquet as pq
+
+    part = next(iter(sorted(folder.rglob("*.parquet"))))
+    metadata = pq.read_schema(part).metadata or {}
+    return dict(json.loads(metadata[RUN_KEY.encode()])) if RUN_KEY.encode() in metadata else {}
 
 
 def _read_pieces(batch: Any) -> Any:
@@ -145,8 +159,7 @@ def annotate_with_ray(
         pieces, num_rows, schema = parquet_pieces(source)
         input_features = Features.from_arrow_schema(schema)
     annotator.check_columns(list(input_features))
-    features = annotator.features(input_features)
-    features[ROW_COLUMN] = Value("int64")
+    run: dict[str, Any] = {}  # how the actors' models ran: read back from their output
     if num_rows:
         if not ray.is_initialized():
             ray.init()
@@ -183,7 +196,10 @@ def annotate_with_ray(
             num_gpus=num_gpus_per_actor,
             num_cpus=num_cpus_per_actor,
         ).write_parquet(str(out))
+        run = _run_fields(out)
     out.mkdir(parents=True, exist_ok=True)
+    features = annotator.features(input_features, run)
+    features[ROW_COLUMN] = Value("int64")
     write_manifest(
         out,
         {

@@ -23,8 +23,9 @@ from .direction import SafetyDirection
 from .formatting import Conversation, TextTemplate
 from .hidden_states import TextReader
 from .hub import HubLookupError, public_name
-from .models import load_model, normalize_layer, resolve_device
+from .models import load_model, model_identity, normalize_layer, resolve_device
 from .options import RuntimeOptions
+from .precision import compute_dtypes
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,8 @@ class Scorer:
             name = getattr(model.config, "_name_or_path", "")
             if name:  # reloadable by name: keep identity and dtype, not weights
                 state["model_ref"] = str(name)
-                dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-                if self.runtime.dtype is None and dtype != "float32":
+                if self.runtime.dtype is None:
+                    dtype = compute_dtypes(model)[0]
                     state["runtime"] = replace(self.runtime, dtype=dtype)  # type: ignore[arg-type]
         return state
 
@@ -148,6 +149,20 @@ class Scorer:
             progress=self.progress,
         )
         return self._reader
+
+    def run_fields(self) -> dict[str, Any]:
+        """How the model runs, for the provenance record (loads it): ``dtype``, ``residual_dtype``, the
+        effective ``max_length`` and the ``model_revision`` (the loaded commit when known)."""
+        reader = self.load()
+        model = reader.layer_reader.model
+        matmul, residual = compute_dtypes(model)
+        commit = model_identity(model)[1]
+        return {
+            "dtype": matmul,
+            "residual_dtype": residual,
+            "max_length": reader.max_length,
+            "model_revision": commit or self.runtime.model_revision,
+        }
 
     def _scores(self, states: dict[int, torch.Tensor], truncated: list[bool]) -> dict[int, torch.Tensor]:
         if any(truncated) and not self._warned_truncation:

@@ -76,6 +76,28 @@ def pair_accuracy(margins: Values, chosen_is_safer: Sequence[bool]) -> float:
     return float(((m > 0) == np.asarray(chosen_is_safer, dtype=bool)).mean())
 
 
+# Margins within a tenth of a standard deviation of zero carry no sign worth keeping: bf16 matmuls move a
+# margin by ~2-5% of the margins' spread (bench/README.md, "Fidelity"), and scale_margins(scale="standardize")
+# turns them into reward-logit gaps under 0.1.
+NOISE_BAND = 0.1
+
+
+def fidelity(margins: Values, reference: Values) -> dict[str, float]:
+    """How faithfully ``margins`` reproduce ``reference`` margins (float32's, say): their ``spearman``
+    correlation, the ``band`` (:data:`NOISE_BAND` standard deviations of the reference), the
+    ``sign_agreement`` of the pairs outside it, the ``share_in_band`` and the ``max_abs_error``."""
+    m, ref = np.asarray(margins, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    band = NOISE_BAND * float(ref.std())
+    outside = np.abs(ref) > band
+    return {
+        "spearman": spearman(m, ref),
+        "band": band,
+        "sign_agreement": float(((m > 0) == (ref > 0))[outside].mean()) if outside.any() else NAN,
+        "share_in_band": float((~outside).mean()),
+        "max_abs_error": float(np.abs(m - ref).max()),
+    }
+
+
 def summary(values: Values, kind: str) -> dict[str, float]:
     """``mean_<kind>``, ``median_<kind>`` (and for margins ``share_positive``) of ``values``."""
     v = np.asarray(values, dtype=np.float64)

@@ -33,7 +33,7 @@ not the local path of its offline copy.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 from transformers import HfArgumentParser
@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
     )
     args, data, runtime, hub, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    if runtime.dtype is None:  # the shipped directions are fitted in exact float32, on any machine
+        runtime = replace(runtime, dtype="float32")
     graded = args.recipe == "graded"
     args.model = args.model or (GEMMA_MODEL_ID if graded else DEFAULT_MODEL_ID)
     args.model_id = args.model_id or args.model

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models (BERT, Llama, GPT-2) saved to disk with the MiniLM tokenizer."""
+"""Shared fixtures: tiny random models (BERT, Llama, GPT-2, Gemma 3) saved to disk with the MiniLM tokenizer."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ def _save_tiny(kind: str, folder: Path) -> Path:
         AutoTokenizer,
         BertConfig,
         BertModel,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         GPT2Config,
         GPT2LMHeadModel,
         LlamaConfig,
@@ -38,6 +40,18 @@ def _save_tiny(kind: str, folder: Path) -> Path:
                 max_position_embeddings=128,
                 num_key_value_heads=2,
                 tie_word_embeddings=True,
+                **TINY,
+            )
+        )
+    elif kind == "gemma3":  # sliding-window layers (window 4) between full ones, grouped-query attention
+        model = Gemma3ForCausalLM(
+            Gemma3TextConfig(
+                vocab_size=vocab,
+                max_position_embeddings=128,
+                num_key_value_heads=2,
+                head_dim=8,
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"] * 2,
                 **TINY,
             )
         )
@@ -66,6 +80,12 @@ def tiny_model_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session", params=["bert", "llama", "gpt2", "gemma3"])
+def any_tiny_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every tiny architecture, Gemma 3 (sliding windows) included."""
+    return _save_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import HARMFUL
 
-from legend_hf import fit_direction
+from legend_hf import RuntimeOptions, fit_direction
 from legend_hf.fitting import direction_from_states, mean_diff
 
 
@@ -103,8 +103,8 @@ def test_model_object_and_dataset_input(tiny_llama_path):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
-    from_object = fit_direction(model, Dataset.from_list(HARMFUL), tokenizer=tokenizer)
-    from_path = fit_direction(str(tiny_llama_path), HARMFUL)
+    from_object = fit_direction(model, Dataset.from_list(HARMFUL), tokenizer=tokenizer)  # runs as loaded
+    from_path = fit_direction(str(tiny_llama_path), HARMFUL, runtime=RuntimeOptions(dtype="float32"))
     torch.testing.assert_close(from_object.vector, from_path.vector)
     assert "fingerprint" in from_object.fit_data["description"]
 

@@ -76,26 +76,6 @@ def test_pool_ignores_nan_in_padding():
     assert pool(hidden, mask, "last").tolist() == [[3.0, 4.0]]
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_prompt_sharing_equals_reading_each_text(tiny_model_path, pooling):
-    model = AutoModel.from_pretrained(tiny_model_path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
-    reader = LayerReader(model, [1, 2, -1], pooling)
-    if not reader.can_share_prefix:
-        assert "bert" in str(tiny_model_path)  # encoders attend both ways: nothing to share
-        return
-    prompts = ["how do I do this thing", "tell me", "a long prompt with many many words in it, okay"]
-    first = [tokenizer(p + " sure, here it is")["input_ids"] for p in prompts] + [[5, 6, 7]]
-    second = [tokenizer(p + " no")["input_ids"] for p in prompts] + [[8, 6]]  # the last pair shares nothing
-    expected = reader.read(first + second, pad_id=0)
-    for max_tokens in (1, 10_000):  # one pair per batch, and all pairs in one batch
-        got_first, got_second = reader.read_pairs(first, second, pad_id=0, max_tokens=max_tokens)
-        for k in reader.layers:
-            torch.testing.assert_close(
-                torch.cat([got_first[k], got_second[k]]), expected[k], atol=1e-5, rtol=1e-5
-            )
-
-
 def test_token_budget_batching_equals_one_by_one(tiny_llama_path):
     model = AutoModel.from_pretrained(tiny_llama_path).eval()
     reader = LayerReader(model, [2], "last")
@@ -123,32 +103,24 @@ def test_progress_counts_every_text_once(tiny_llama_path):
 
 
 def test_out_of_memory_halves_the_budget_and_loses_nothing(tiny_llama_path, monkeypatch, caplog):
-    """A batch over a (simulated) memory limit is retried in smaller batches; results are unchanged."""
+    """A packed row over a (simulated) memory limit is retried in smaller rows; results are unchanged."""
     model = AutoModel.from_pretrained(tiny_llama_path).eval()
     reader = LayerReader(model, [2], "last")
     first = [[101] + list(range(1000, 1000 + n)) + [7, 102] for n in (3, 40, 7, 19, 1, 33)]
     second = [[101] + list(range(1000, 1000 + n)) + [8, 9, 102] for n in (3, 40, 7, 19, 1, 33)]
     expected_single = reader.read(first, pad_id=0, max_batch_size=1)
     expected_pairs = reader.read_pairs(first, second, pad_id=0, max_batch_size=1)
-    limit = 60  # padded tokens a forward may hold
-    forward, continuations = LayerReader.__call__, LayerReader._read_continuations
+    limit = 60  # tokens a packed row may hold
+    forward = LayerReader.forward_pack
     sizes: list[int] = []
 
-    def guarded_call(self, ids, mask):
-        sizes.append(ids.numel())
-        if ids.numel() > limit:
+    def guarded(self, texts, pack):
+        sizes.append(sum(pack.lengths))
+        if sum(pack.lengths) > limit:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(self, ids, mask)
+        return forward(self, texts, pack)
 
-    def guarded_continuations(self, prefixes, suffixes, pad_id):
-        padded = len(suffixes) * (max(map(len, prefixes)) + max(map(len, suffixes)))
-        sizes.append(padded)
-        if padded > 2 * limit:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return continuations(self, prefixes, suffixes, pad_id)
-
-    monkeypatch.setattr(LayerReader, "__call__", guarded_call)
-    monkeypatch.setattr(LayerReader, "_read_continuations", guarded_continuations)
+    monkeypatch.setattr(LayerReader, "forward_pack", guarded)
     with caplog.at_level("WARNING", logger="legend_hf.hidden_states"):
         done: list[int] = []
         got = reader.read(first, pad_id=0, max_tokens=10_000, on_batch=done.append)
@@ -158,5 +130,5 @@ def test_out_of_memory_halves_the_budget_and_loses_nothing(tiny_llama_path, monk
     torch.testing.assert_close(got[2], expected_single[2], atol=1e-5, rtol=0)
     for got_side, expected_side in zip(pairs, expected_pairs, strict=True):
         torch.testing.assert_close(got_side[2], expected_side[2], atol=1e-5, rtol=0)
-    with pytest.raises(torch.OutOfMemoryError, match=r"single text or pair \(200 padded tokens\)"):
+    with pytest.raises(torch.OutOfMemoryError, match=r"single text or pair \(200 tokens\)"):
         reader.read([[101] * 200], pad_id=0)

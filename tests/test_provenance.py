@@ -90,3 +90,26 @@ def test_a_margin_rewritten_by_hand_is_not_described_by_the_record(binned, direc
         assert read_record(raw.map(lambda row: {"margin": 2 * row["margin"]})) is None
     rescaled = scale_margins(binned, scale=0.5)
     assert read_record(rescaled).scale_factor == 0.5 and read_record(rescaled).bins is None
+
+
+def test_the_record_says_how_the_model_ran(direction, tmp_path):
+    """Non-default runtime options are what the record holds, also after a Parquet round trip."""
+    from legend_hf import RuntimeOptions
+
+    runtime = RuntimeOptions(dtype="bfloat16", max_length=24, model_revision="main")
+    annotated = annotate_margins(Dataset.from_list(PAIRS), direction, runtime=runtime)
+    record = read_record(annotated)
+    assert (record.dtype, record.residual_dtype) == ("bfloat16", "float32")  # bf16 matmuls, float32 stream
+    assert record.max_length == 24 != direction.max_length
+    assert record.model_revision == "main"
+    annotated.to_parquet(tmp_path / "train.parquet")
+    back = load_dataset("parquet", data_files=str(tmp_path / "train.parquet"), split="train")
+    assert read_record(back) == record
+    exact = read_record(
+        annotate_margins(Dataset.from_list(PAIRS), direction, runtime=RuntimeOptions(dtype="float32"))
+    )
+    assert (exact.dtype, exact.residual_dtype, exact.max_length) == (
+        "float32",
+        "float32",
+        direction.max_length,
+    )

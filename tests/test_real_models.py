@@ -112,3 +112,22 @@ def test_shipped_gemma_direction_grades_unsafe_answers_by_severity(monkeypatch):
     scores = scores["safety_scores"]
     # Measured on all 40 test prompts: severity 1 scores above severity 3 in 37 of them.
     assert sum(a > b for a, b in zip(scores[: len(less)], scores[len(less) :], strict=True)) >= 4
+
+
+def test_bfloat16_margins_stay_faithful_to_float32():
+    """The non-float32 default where a CPU has native bf16 (bf16 matmuls over a float32 residual stream, packed
+    rows, shared prompts) against exact float32, on the 300 shipped pairs: Spearman >= 0.999 and the same sign
+    on every pair outside the noise band (0.1 standard deviations)."""
+    from legend_hf import RuntimeOptions
+    from legend_hf.data_io import DEFAULT_DIRECTION
+    from legend_hf.stats import fidelity
+
+    direction = SafetyDirection.from_pretrained(DEFAULT_DIRECTION)
+    pairs = Dataset.from_list(_jsonl("sample_preferences.jsonl"))
+    exact, fast = (
+        annotate_margins(pairs, direction, runtime=RuntimeOptions(dtype=dtype))["margin"]
+        for dtype in ("float32", "bfloat16")
+    )
+    result = fidelity(fast, exact)
+    # Measured on an AMX CPU: Spearman 0.9994, every sign outside the band (0.15) kept, max error 0.10.
+    assert result["spearman"] >= 0.999 and result["sign_agreement"] == 1.0, result

