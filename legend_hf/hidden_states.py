@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 CPU_TOKENS = 2048
 GPU_TOKENS = 16384
 GPU_CHUNK = 256
+# A beginning shared by every text of a read (a system prompt) runs once when it has at least this many tokens.
+ROOT_TOKENS = 8
 
 
 class _StopForward(Exception):
@@ -241,32 +243,38 @@ class LayerReader:
             states = self.hidden(ids, **inputs)
         return {k: v[0] for k, v in states.items()}
 
-    def _pool_pack(
-        self, states: dict[int, torch.Tensor], pack: Pack, prefix_sums: dict[int, torch.Tensor] | None = None
-    ) -> dict[int, torch.Tensor]:
-        """Pooled fp32 states of each text of ``pack``; a continuation's mean includes its prefix's tokens."""
+    def run_pack(
+        self, texts: Sequence[Sequence[int]], pack: Pack, prefix_sums: dict[int, torch.Tensor] | None = None
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+        """Pooled fp32 states of each text of ``pack`` and, for mean pooling, each text's sums over every token
+        it attends to (its prefix's included: ``prefix_sums`` are the prefix pack's)."""
+        states = self.forward_pack(texts, pack)
         lengths = torch.tensor(pack.lengths)
         if self.pooling == "last":
             index = self._to_device(lengths.cumsum(0) - 1)
-            return {k: v[index].float() for k, v in states.items()}
-        sums = self._segment_sums(states, pack)
-        counts = lengths
-        if prefix_sums is not None:
-            assert pack.prefix is not None and pack.prefix_of is not None
-            counts = lengths + torch.tensor([pack.prefix.lengths[p] for p in pack.prefix_of])
-            of = self._to_device(torch.tensor(pack.prefix_of))
-            sums = {k: s + prefix_sums[k][of] for k, s in sums.items()}
-        divide = self._to_device(counts.float().unsqueeze(1))
-        return {k: s / divide for k, s in sums.items()}
-
-    def _segment_sums(self, states: dict[int, torch.Tensor], pack: Pack) -> dict[int, torch.Tensor]:
-        text = self._to_device(
-            torch.repeat_interleave(torch.arange(len(pack.lengths)), torch.tensor(pack.lengths))
-        )
-        return {
-            k: torch.zeros(len(pack.lengths), v.shape[-1], device=v.device).index_add_(0, text, v.float())
+            return {k: v[index].float() for k, v in states.items()}, None
+        text = self._to_device(torch.repeat_interleave(torch.arange(len(lengths)), lengths))
+        sums = {
+            k: torch.zeros(len(lengths), v.shape[-1], device=v.device).index_add_(0, text, v.float())
             for k, v in states.items()
         }
+        if prefix_sums is not None and pack.prefix_of is not None:
+            of = self._to_device(torch.tensor(pack.prefix_of))
+            sums = {k: v + prefix_sums[k][of] for k, v in sums.items()}
+        counts = self._to_device(torch.tensor(pack.key_lengths(), dtype=torch.float32).unsqueeze(1))
+        return {k: v / counts for k, v in sums.items()}, sums
+
+    def _root(
+        self, texts: Sequence[Sequence[int]], limit: int
+    ) -> tuple[Pack | None, dict[int, torch.Tensor] | None, int]:
+        """The beginning every text shares (a chat template's system prompt, the Alpaca preamble), at most
+        ``limit`` tokens, run once as a kept pack the texts continue; ``(None, None, 0)`` below ``ROOT_TOKENS``."""
+        n = min(min(_common_prefix(texts[0], t) for t in texts), limit) if len(texts) > 1 else 0
+        if n < ROOT_TOKENS:
+            return None, None, 0
+        root = Pack([n], keep=True)
+        _, sums = self.run_pack([texts[0][:n]], root)
+        return root, sums, n
 
     def reading(self, n: int) -> Reading:
         config: Any = self.model.config
@@ -317,11 +325,17 @@ class LayerReader:
                     f"text {index[i]} has no tokens: give it a template or a non-empty prompt/response"
                 )
 
+        root, root_sums, skip = (None, None, 0)
+        if self.can_share_prefix:
+            root, root_sums, skip = self._root(input_ids, min(map(len, input_ids), default=1) - 1)
+
         def run(batch: list[int]) -> None:
-            texts = [input_ids[i] for i in batch]
+            texts = [input_ids[i][skip:] for i in batch]
             if self.packing:
-                pack = Pack([len(x) for x in texts])
-                states = self._pool_pack(self.forward_pack(texts, pack), pack)
+                pack = Pack(
+                    [len(x) for x in texts], prefix=root, prefix_of=None if root is None else [0] * len(batch)
+                )
+                states = self.run_pack(texts, pack, root_sums)[0]
             else:
                 states = self(*pad(texts, pad_id, padding_side))
             reading.batches.append(([index[i] for i in batch], states))
@@ -389,22 +403,26 @@ class LayerReader:
             index = [at_first[i] for i in alone] + [at_second[i] for i in alone]
             self.start_read(texts, reading, index, *options)
         sharing = [i for i, s in enumerate(shared) if s > 0]
+        if not sharing:
+            return
+        # The beginning all prompts share runs once; each prompt keeps at least one token of its own.
+        root, root_sums, skip = self._root([first[i] for i in sharing], min(shared[i] for i in sharing) - 1)
 
         def run(group: list[int]) -> None:
             batch = [sharing[j] for j in group]
-            prefixes = [first[i][: shared[i]] for i in batch]
+            prefixes = [first[i][skip : shared[i]] for i in batch]
             suffixes = [first[i][shared[i] :] for i in batch] + [second[i][shared[i] :] for i in batch]
-            prefix = Pack([len(p) for p in prefixes], keep=True)
-            prefix_states = self.forward_pack(prefixes, prefix)
-            prefix_sums = self._segment_sums(prefix_states, prefix) if self.pooling == "mean" else None
+            of_root = None if root is None else [0] * len(batch)
+            prefix = Pack([len(p) for p in prefixes], keep=True, prefix=root, prefix_of=of_root)
+            prefix_sums = self.run_pack(prefixes, prefix, root_sums)[1]
             continuation = Pack([len(s) for s in suffixes], prefix=prefix, prefix_of=[*range(len(batch))] * 2)
-            states = self._pool_pack(self.forward_pack(suffixes, continuation), continuation, prefix_sums)
+            states = self.run_pack(suffixes, continuation, prefix_sums)[0]
             reading.batches.append(([at_first[i] for i in batch] + [at_second[i] for i in batch], states))
             if on_batch is not None:
                 on_batch(2 * len(batch))
 
-        # Tokens each pair computes: the prompt once, both continuations.
-        cost = [len(first[i]) + len(second[i]) - shared[i] for i in sharing]
+        # Tokens each pair computes: its prompt once, both continuations.
+        cost = [len(first[i]) + len(second[i]) - shared[i] - skip for i in sharing]
         self._run_batches(cost, run, max_tokens, max_batch_size)
 
     def _run_batches(

@@ -31,7 +31,8 @@ class Pack:
     """One packed row: the token range of each text, and, for a continuation, the prefix each text continues.
 
     ``keep=True`` keeps every layer's keys and values (a prefix pack); ``prefix``/``prefix_of`` make text ``i``
-    continue text ``prefix_of[i]`` of the pack ``prefix``.
+    continue text ``prefix_of[i]`` of the pack ``prefix``, which may itself continue another pack (a system
+    prompt, then a user prompt, then a response): a kept continuation keeps its prefix's keys with its own.
     """
 
     lengths: list[int]
@@ -49,17 +50,20 @@ class Pack:
             out.append(out[-1] + n)
         return out
 
+    def prefix_lengths(self) -> list[int]:
+        """Tokens before each text: all of its prefix's (0 without one)."""
+        if self.prefix is None or self.prefix_of is None:
+            return [0] * len(self.lengths)
+        before = self.prefix.key_lengths()
+        return [before[p] for p in self.prefix_of]
+
     def key_lengths(self) -> list[int]:
         """Tokens each text attends to: its prefix's and its own."""
-        if self.prefix is None or self.prefix_of is None:
-            return self.lengths
-        return [self.prefix.lengths[p] + n for p, n in zip(self.prefix_of, self.lengths, strict=True)]
+        return [p + n for p, n in zip(self.prefix_lengths(), self.lengths, strict=True)]
 
     def position_ids(self) -> torch.Tensor:
         """Positions restart at every text (continuations start after their prefix)."""
-        offsets = [0] * len(self.lengths)
-        if self.prefix is not None and self.prefix_of is not None:
-            offsets = [self.prefix.lengths[p] for p in self.prefix_of]
+        offsets = self.prefix_lengths()
         return torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, self.lengths, strict=True)])[None]
 
     def _cached(self, name: str, device: torch.device, make: Any) -> Any:
@@ -73,7 +77,7 @@ class Pack:
 
         def make() -> torch.Tensor:
             assert self.prefix is not None and self.prefix_of is not None
-            own, pre = self.starts, self.prefix.starts
+            own, pre = self.starts, [0, *torch.tensor(self.prefix.key_lengths()).cumsum(0).tolist()]
             offset = pre[-1]
             parts = [
                 torch.cat(
@@ -172,14 +176,14 @@ def attention(
         raise ValueError(f"the {ATTENTION!r} attention runs packed rows only (legend_hf.packing)")
     dtype = value.dtype  # mixed precision: rotary tables may have made q/k float32
     query, key = query.to(dtype), key.to(dtype)
-    if legend_pack.keep:
-        legend_pack.kv[id(module)] = (key, value)
     key_lengths = legend_pack.key_lengths()
     if legend_pack.prefix is not None:
         prefix_key, prefix_value = legend_pack.prefix.kv[id(module)]
         index = legend_pack.key_index(query.device)
         key = torch.cat([prefix_key, key], dim=2)[:, :, index]
         value = torch.cat([prefix_value, value], dim=2)[:, :, index]
+    if legend_pack.keep:  # each text's keys after its prefix's: what a continuation attends to
+        legend_pack.kv[id(module)] = (key, value)
     causal = bool(getattr(module, "is_causal", True))
     window = sliding_window if causal else None
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_kernel() is not None:

@@ -116,3 +116,30 @@ def test_the_gpu_varlen_call_equals_attention_text_by_text(monkeypatch, window):
     lengths = pack.key_lengths()
     args = (query, full_key, full_value, pack, lengths, True, 0.3, window)
     torch.testing.assert_close(packing._varlen(*args), packing._per_text(*args), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_a_beginning_every_text_shares_runs_once(tiny_llama_path, pooling):
+    """A system prompt (here 12 tokens) runs once per read; texts and pairs continue it, as if read in full."""
+    packed, padded = _readers(tiny_llama_path, pooling)
+    system = [101] + list(range(2000, 2011))
+    first = [system + list(range(1000, 1000 + n)) + [7, 102] for n in (3, 40, 7, 19)]
+    second = [system + list(range(1000, 1000 + n)) + [8, 9, 102] for n in (3, 40, 7, 19)]
+    expected = padded.read(first + second, pad_id=0, max_batch_size=1)
+    forwards: list[int] = []
+    packed.model.register_forward_pre_hook(
+        lambda m, a, kw: forwards.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    single = packed.read(first + second, pad_id=0, max_tokens=10_000)
+    assert forwards == [
+        15,
+        sum(map(len, first + second)) - 8 * 15,
+    ]  # the shared beginning once, then the rest
+    forwards.clear()
+    got_first, got_second = packed.read_pairs(first, second, pad_id=0, max_tokens=10_000)
+    assert forwards[0] == 14  # each prompt keeps a token of its own (the first differs after 15)
+    for k in packed.layers:
+        torch.testing.assert_close(single[k], expected[k], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.cat([got_first[k], got_second[k]]), expected[k], atol=1e-5, rtol=1e-5
+        )
