@@ -688,14 +688,36 @@ def run_worker(spec_path: Path, result_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
+def _kept_spec(spec: Row) -> Row:
+    """The spec as kept beside a result: rows counted, the run's temporary paths left out."""
+    return {
+        k: v for k, v in {**spec, "rows": len(spec.get("rows", []))}.items() if k not in ("direction", "path")
+    }
+
+
 def run_worker_process(
-    spec: Row, workdir: Path, name: str, keep: Path | None = None, optional: bool = False
+    spec: Row,
+    workdir: Path,
+    name: str,
+    keep: Path | None = None,
+    optional: bool = False,
+    resume: bool = False,
 ) -> Row:
     """Run one worker in a fresh interpreter; returns its result with the load average around it.
 
     ``keep``: a folder that also gets each result as it arrives (a long run interrupted keeps its rows).
+    ``resume``: a result kept there from an identical spec is read instead of measured again.
     ``optional``: a worker that fails gives ``{"error": ...}`` instead of stopping the benchmark.
     """
+    kept = keep / f"{name}.json" if keep else None
+    if resume and spec["mode"] != "fit" and kept and kept.exists():
+        old = json.loads(kept.read_text())
+        old_spec = {k: v for k, v in old.pop("spec").items() if k not in ("direction", "path")}
+        if old_spec == _kept_spec(spec):
+            print(
+                f"  {name}: {old.get('seconds', 0):.2f} s timed (kept from the interrupted run)", flush=True
+            )
+            return old
     spec_path, result_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -712,11 +734,9 @@ def run_worker_process(
     result: Row = json.loads(result_path.read_text())
     result.update(load_before=load, load_after=os.getloadavg()[0], wall_seconds=time.perf_counter() - began)
     print(f"  {name}: {result.get('seconds', 0):.2f} s timed, load {load:.1f}", flush=True)
-    if keep:
-        keep.mkdir(parents=True, exist_ok=True)
-        (keep / f"{name}.json").write_text(
-            json.dumps({"spec": {**spec, "rows": len(spec.get("rows", []))}, **result})
-        )
+    if kept:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps({"spec": _kept_spec(spec), **result}))
     return result
 
 
@@ -818,7 +838,8 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> list[Row]:
         )
     if not datasets:
         raise SystemExit("no pairs: pass --hh-rlhf PATH and/or --sample-pairs N")
-    spawn = partial(run_worker_process, keep=args.out / "workers" if args.out else None)
+    keep = args.out / "workers" if args.out else None
+    spawn = partial(run_worker_process, keep=keep, resume=args.resume)
     openvino = args.openvino and args.device == "cpu" and openvino_available()
     tables = []
     for model_name, (path, random) in resolve_models(args, workdir).items():
@@ -1270,6 +1291,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--peak-tflops", type=float, help="GPU bf16 dense peak, for the MFU column")
     parser.add_argument("--out", type=Path, help="write results.md and results.json here")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="an interrupted run with the same --out: reuse the rows it kept in OUT/workers (same code only)",
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1292,8 +1318,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         run_worker(args.worker, args.result)
         return
-    command = "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+    command = "python bench/throughput.py " + " ".join(given)
     notes = []
+    if args.resume:
+        notes.append("Resumed: rows measured before an interruption (same code, same spec) were kept.")
     if args.openvino and args.device != "cpu":
         notes.append("OpenVINO rows skipped: CPU only.")
     elif args.openvino and not openvino_available():

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 HALF_DTYPES = ("bfloat16", "float16")
+ROW_BUCKET = 64  # CPU half-precision matmuls run on a multiple of this many rows (see _bucketed)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -57,22 +58,47 @@ def mixed_precision(model: nn.Module, dtype: str) -> nn.Module:
     half = getattr(torch, dtype)
     model.float()
     casts = WeakIdKeyDictionary()  # input tensor -> its cast, dropped with the input
+    shapes = WeakIdKeyDictionary()  # a cast padded to whole buckets of rows -> the input's leading shape
 
     def cast_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0]
-        if x.dtype == half:
-            return None
         if x not in casts:
-            casts[x] = x.to(half)
+            rows = x.numel() // x.shape[-1]
+            if x.is_cuda or rows % ROW_BUCKET == 0:
+                if x.dtype == half:
+                    return None
+                casts[x] = x.to(half)
+            else:
+                casts[x] = _bucketed(x, half, rows)
+                shapes[casts[x]] = x.shape[:-1]
         return (casts[x], *args[1:])
+
+    def unpad_output(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+        shape = shapes.get(args[0])
+        if shape is None:
+            return None
+        return out[: shape.numel()].view(*shape, out.shape[-1])
 
     for layer in matmul_layers(model):
         layer.to(half)
         layer.register_forward_pre_hook(cast_input)
+        layer.register_forward_hook(unpad_output)
     for module in model.modules():
         if type(module).__name__.endswith("RotaryEmbedding"):
             module.register_forward_hook(lambda m, a, out: tuple(t.to(half) for t in out))
     return model
+
+
+def _bucketed(x: torch.Tensor, half: torch.dtype, rows: int) -> torch.Tensor:
+    """``x`` in ``half`` as a 2-d matrix of ``rows`` rows padded with zeros to a multiple of :data:`ROW_BUCKET`.
+
+    oneDNN compiles and caches a half-precision kernel for every matmul shape it meets; packed rows of every
+    length make that cache (up to 1,024 kernels) grow RSS by hundreds of MiB over a long run (bench/memory.py).
+    Whole buckets of rows keep the shapes few.
+    """
+    out = x.new_zeros(-(-rows // ROW_BUCKET) * ROW_BUCKET, x.shape[-1], dtype=half)
+    out[:rows] = x.reshape(rows, x.shape[-1])
+    return out
 
 
 def compute_dtypes(model: nn.Module) -> tuple[str, str]:

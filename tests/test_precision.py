@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModel
 
-from legend_hf import RuntimeOptions
+from legend_hf import RuntimeOptions, precision
 from legend_hf.hidden_states import LayerReader
 from legend_hf.models import load_model
 from legend_hf.precision import compute_dtypes, matmul_layers, resolve_dtype
@@ -60,3 +60,21 @@ def test_a_loaded_model_runs_as_loaded_unless_a_dtype_is_given(tiny_llama_path):
     assert compute_dtypes(load_model(model, str(tiny_llama_path))[0]) == ("float32", "float32")
     runtime = RuntimeOptions(dtype="bfloat16")
     assert compute_dtypes(load_model(model, str(tiny_llama_path), runtime)[0]) == ("bfloat16", "float32")
+
+
+def test_cpu_half_matmuls_run_on_whole_buckets_of_rows(tiny_llama_path, monkeypatch):
+    """oneDNN caches a compiled kernel per matmul shape: rows padded to ROW_BUCKET keep RSS flat on long runs
+    (bench/memory.py); the padding rows never reach the states."""
+    model, _ = load_model(str(tiny_llama_path), runtime=RuntimeOptions(dtype="bfloat16"))
+    rows: list[int] = []
+    for layer in matmul_layers(model):
+        layer.register_forward_pre_hook(lambda m, a: rows.append(a[0].numel() // a[0].shape[-1]))
+    bucketed = LayerReader(model, [2, -1], "last").read(IDS, pad_id=0)
+    assert rows and all(n % precision.ROW_BUCKET == 0 for n in rows)
+    assert sum(len(ids) for ids in IDS) % precision.ROW_BUCKET  # the test pack does need padding
+    monkeypatch.setattr(precision, "ROW_BUCKET", 1)
+    rows.clear()
+    unpadded = LayerReader(model, [2, -1], "last").read(IDS, pad_id=0)
+    assert sum(len(ids) for ids in IDS) in rows
+    for k in unpadded:
+        torch.testing.assert_close(bucketed[k], unpadded[k], rtol=1e-2, atol=1e-2)
