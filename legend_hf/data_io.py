@@ -37,6 +37,10 @@ def shipped_folder(installed: str, source: str) -> Path:
     return inside if inside.is_dir() else PACKAGE_DIR.parent / source
 
 
+# The `evaluate` metric's folder: evaluate.load(str(METRIC_PATH), ...), which legend_hf.load_metric does.
+METRIC_PATH = shipped_folder("metrics/legend_margin", "metrics/legend_margin")
+
+
 def default_fit_data() -> tuple[list[list[dict[str, Any]]], list[str], list[str]]:
     """The shipped direction's fit data: harmful groups (100 AdvBench rows, the 160 written harmful answers),
     refusals and safe completions, as ``legend_hf.recipes.fit_balanced`` takes them."""
