@@ -450,7 +450,7 @@ def trained_model_card(
         **{RECORD_KEY: record.to_dict() if record is not None else None},  # type: ignore[arg-type]
     )
     keys = [*(("beta", "margin_mode", "margin_scale") if dpo else ()), "learning_rate", "num_train_epochs"]
-    keys += ["batch_size", "max_length", "seed"]
+    keys += ["per_device_train_batch_size", "bf16", "max_length", "seed"]
     return ModelCard.from_template(
         card_data,
         template_path=str(TRAINED_TEMPLATE),
