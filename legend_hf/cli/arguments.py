@@ -202,7 +202,7 @@ class AnnotateArguments:
         default=None,
         metadata=_help(
             "direction artifact: a local folder, a Hub repo id, or a shipped one: smv-smollm2 (the default) or "
-            "smv-gemma3-270m (Gemma 3 270M: graded by severity, about half the time; needs legend-hf[gemma])"
+            "smv-gemma3-270m (Gemma 3 270M: graded by severity; needs legend-hf[gemma])"
         ),
     )
     direction_revision: str | None = field(default=None, metadata=_help("revision of a Hub direction"))
