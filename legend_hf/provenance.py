@@ -124,9 +124,11 @@ class MarginScale:
     ) -> None:
         """Raise ``ValueError`` for settings :meth:`fit` cannot use (checked before any margin is computed)."""
         if scale not in (None, "standardize") and (
-            isinstance(scale, bool) or not isinstance(scale, (int, float))
+            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0
         ):
-            raise ValueError(f"scale must be None, 'standardize' or a number, got {scale!r}")
+            raise ValueError(
+                f"scale must be None, 'standardize' or a positive number (a factor keeps signs), got {scale!r}"
+            )
         if not target_std > 0:
             raise ValueError(f"target_std must be positive, got {target_std!r}")
         low, high = clip if clip is not None and len(clip) == 2 else (None, None)

@@ -69,7 +69,8 @@ class MarginDPOConfig(DPOConfig):
 
     Only ``loss_type="sigmoid"`` with ``f_divergence_type="reverse_kl"`` (plain DPO) is supported: the margin forms
     are defined on that loss. TRL's defaults apply: `bf16=True` (set `bf16=False` on a machine without bf16
-    support, where the default raises) and `gradient_checkpointing=True`.
+    support, where the default raises) and `gradient_checkpointing=True`; `dataloader_pin_memory` is on only with
+    a GPU.
     """
 
     margin_mode: Literal["offset", "weight"] = field(
@@ -87,6 +88,8 @@ class MarginDPOConfig(DPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # turns a single loss_type string into a list
+        # TrainingArguments pins batches in memory by default; without a GPU that does nothing but warn.
+        self.dataloader_pin_memory = self.dataloader_pin_memory and torch.cuda.is_available()
         _check_config(self)
 
 

@@ -88,6 +88,12 @@ def any_tiny_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     return _save_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
 
 
+@pytest.fixture(scope="session", params=["llama", "gpt2", "gemma3"])
+def decoder_tiny_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every tiny decoder (causal attention: a shared prompt can run once)."""
+    return _save_tiny(request.param, tmp_path_factory.mktemp(f"decoder-{request.param}"))
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save_tiny("bert", tmp_path_factory.mktemp("tiny-bert"))

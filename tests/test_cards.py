@@ -135,7 +135,7 @@ def test_dataset_card_parses_back_with_metadata_and_record(annotated, direction)
         "3 levels: 0 for scaled margins ≤ 0",
         "| 0 | 0 | (−∞, 0] |",
         "![Histogram of the safety margins](margin_histogram.png)",
-        "### Margins by `kind`",
+        "| `kind` | pairs | mean margin | chosen safer (`share_positive`) | `pair_accuracy` |",
         'load_dataset("me/pku-legend", split="train")',
         "RewardTrainer",
         "## Bias, Risks, and Limitations",
@@ -144,6 +144,32 @@ def test_dataset_card_parses_back_with_metadata_and_record(annotated, direction)
         assert expected in text, expected
     for column in ("margin", "chosen_safety", "rejected_safety", "truncated", "margin_raw", "margin_level"):
         assert f"| `{column}` |" in text
+
+
+def test_dataset_card_says_only_what_its_record_and_statistics_say(annotated):
+    """The method, the direction's kind (shipped, Hub, local folder), the agreement with the data's labels and the
+    limitations come from the record and the statistics: nothing the settings contradict."""
+    from legend_hf import annotation_report
+
+    record = replace(read_record(annotated), method="logistic", direction="smv-smollm2")
+    text = DatasetCard(str(dataset_card(annotated, record=record, group_by="kind"))).text
+    assert "`logistic`: weights of an L2-regularised logistic probe" in text
+    assert "mean difference" not in text and "Standard Margin Vector" not in text
+    assert "`smv-smollm2`, shipped with legend-hf" in text and "`smv-smollm2` (local)" not in text
+    assert "close to noise" not in text and "terse refusal" not in text
+    report = annotation_report(annotated, group_column="kind")
+    for name, scores in report["scores"].items():
+        row = (
+            f"| {name} | {int(scores['n_pairs'])} | {scores['mean_margin']:.3f} | {scores['share_positive']:.3f} | "
+            f"{scores['pair_accuracy']:.3f} ({int(scores['n_ordered'])}) |".replace("-", "−")
+        )
+        assert row in text, row
+    assert f"with Spearman {report['scores']['all']['length_spearman']:.3f}".replace("-", "−") in text
+    assert f"The {100 * report['margins']['share_negative']:.1f}% of pairs" in text
+    local = replace(record, direction="./smv-smollm2")
+    assert "`./smv-smollm2`, a local folder" in str(dataset_card(annotated, record=local))
+    hub = replace(record, direction="me/smv")
+    assert "[`me/smv`](https://huggingface.co/me/smv)" in str(dataset_card(annotated, record=hub))
 
 
 @pytest.mark.parametrize(

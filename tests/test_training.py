@@ -12,12 +12,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 
-pytest.importorskip("trl")
-
-from datasets import Dataset  # noqa: E402
-
-from legend_hf.training import MarginDPOConfig, MarginDPOTrainer  # noqa: E402
+from legend_hf.training import MarginDPOConfig, MarginDPOTrainer
 
 MARGINS = [1.5, -0.5, 0.0, 2.0, -1.0, 0.25, 3.0, -2.0]
 ROWS = [
@@ -309,28 +306,52 @@ def test_reward_pairs_cut_from_the_start_and_end_in_eos(tiny_models: tuple[Path,
     assert data["margin"] == [1.0]
 
 
+def _response_logprob(model: Any, tokenizer: Any, prompt: str, response: str) -> float:
+    """log π(response | prompt) from transformers' own loss (mean cross-entropy over the response tokens, the
+    prompt's labels masked), not from legend-hf's log-probs."""
+    head = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+    )
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    n_prompt = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+    if len(ids) == n_prompt:  # an empty response: log 1
+        return 0.0
+    labels = [-100] * n_prompt + ids[n_prompt:]
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+    return -float(loss) * (len(ids) - n_prompt)
+
+
 def test_dpo_accuracy_counts_the_safer_side(tiny_models: tuple[Path, Path]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from legend_hf.evaluation import LabelledPairs
-    from legend_hf.training import completion_logprobs, dpo_accuracy
+    from legend_hf.training import dpo_accuracy
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[0])
     tokenizer.chat_template = CHAT_TEMPLATE
-    policy, reference = (AutoModelForCausalLM.from_pretrained(p) for p in tiny_models)
+    policy, reference = (AutoModelForCausalLM.from_pretrained(p).eval() for p in tiny_models)
     rows = [
         {"prompt": p, "chosen": c, "rejected": r, "chosen_is_safer": i % 2 == 0}
         for i, (p, c, r) in enumerate(ROWS)
     ]
+
+    def reward(prompt: str, response: str) -> float:
+        return _response_logprob(policy, tokenizer, prompt, response) - _response_logprob(
+            reference, tokenizer, prompt, response
+        )
+
+    wins = []
+    for row in rows:
+        chosen, rejected = reward(row["prompt"], row["chosen"]), reward(row["prompt"], row["rejected"])
+        safer, other = (chosen, rejected) if row["chosen_is_safer"] else (rejected, chosen)
+        wins.append(1.0 if safer > other + 1e-9 else 0.0 if safer < other - 1e-9 else 0.5)
+    assert 0 < sum(wins) < len(wins)  # the random models prefer some safer sides and not others
     pairs = LabelledPairs.from_data(rows)
-    reward = [
-        completion_logprobs(policy, tokenizer, side) - completion_logprobs(reference, tokenizer, side)
-        for side in (pairs.chosen, pairs.rejected)
-    ]
-    safer = [reward[0][i] if i % 2 == 0 else reward[1][i] for i in range(len(ROWS))]
-    other = [reward[1][i] if i % 2 == 0 else reward[0][i] for i in range(len(ROWS))]
-    expected = sum((a > b) + 0.5 * (a == b) for a, b in zip(safer, other, strict=True)) / len(ROWS)
-    assert dpo_accuracy(policy, reference, tokenizer, pairs) == pytest.approx(float(expected))
+    assert dpo_accuracy(policy, reference, tokenizer, pairs) == pytest.approx(sum(wins) / len(wins))
     assert dpo_accuracy(policy, policy, tokenizer, pairs) == 0.5  # no preference: every pair ties
 
 
@@ -371,12 +392,15 @@ def test_cli_trains_on_what_annotate_wrote(
     )
     out = tmp_path / "trained"
     argv = ["train", "--trainer", trainer, "--dataset", str(annotated_file), "--model", str(model)]
-    argv += ["--max_steps", "2", "--batch_size", "4", "--max_length", "48", "--output_dir", str(out)]
+    argv += ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "48"]
+    argv += ["--output_dir", str(out)]
     assert cli.main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
+    assert printed.startswith("legend-hf train: ")  # TRL's logs and metrics dicts went to stderr
     assert "raw margins standardised" in printed and "held-out accuracy" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["n_train"] + metrics["settings"]["n_test"] == 24
+    assert metrics["settings"]["per_device_train_batch_size"] == 4 and metrics["settings"]["bf16"] is False
     assert metrics["record"]["scale"] == "standardize"  # the margins used are the recorded, standardised ones
     card = ModelCard.load(out / "README.md")
     assert card.data.legend_hf["scale"] == "standardize" and "margins enter the loss" in card.text
@@ -394,4 +418,20 @@ def test_cli_train_checks_its_options_first(annotated_file: Path, capsys) -> Non
     plain = annotated_file.with_name("plain.parquet")
     _rows(None).to_parquet(plain)
     assert cli.main(["train", "--dataset", str(plain)]) == 3
-    assert "annotate it first" in capsys.readouterr().err
+    assert "annotate it first (legend-hf annotate --dataset" in capsys.readouterr().err
+
+
+def test_cli_train_without_trl_names_the_extra(annotated_file: Path, capsys, monkeypatch) -> None:
+    """A missing extra is a runtime error (exit 1, the table's "anything else"), not a usage error."""
+    import sys
+
+    from legend_hf import cli
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # as if TRL were not installed
+    assert cli.main(["train", "--dataset", str(annotated_file)]) == cli.EXIT_ERROR
+    assert 'needs TRL, which is not installed: pip install "legend-hf[train]"' in capsys.readouterr().err
+
+
+def test_margin_dpo_config_pins_memory_only_with_a_gpu(tmp_path: Path) -> None:
+    config = MarginDPOConfig(output_dir=str(tmp_path), bf16=False)
+    assert config.dataloader_pin_memory is torch.cuda.is_available()  # pinning without a GPU only warns

@@ -69,6 +69,7 @@ def main() -> None:
         language="en",
         pretty_name="legend-hf sample preferences with Legend safety margins",
         group_by="pair_type",
+        histogram="margin_histogram.png",
     )
     card.save(dataset_dir / "README.md")
 

