@@ -77,8 +77,8 @@ def pair_accuracy(margins: Values, chosen_is_safer: Sequence[bool]) -> float:
 
 
 # Margins within a tenth of a standard deviation of zero carry no sign worth keeping: bf16 matmuls move a
-# margin by ~2-4% of the margins' spread (bench/README.md, "Throughput", "Fidelity"), and scale_margins(scale="standardize")
-# turns them into reward-logit gaps under 0.1.
+# margin by ~2-4% of the margins' spread (bench/README.md, "Throughput", "Fidelity"), and
+# scale_margins(scale="standardize") turns them into reward-logit gaps under 0.1.
 NOISE_BAND = 0.1
 
 
