@@ -396,7 +396,11 @@ def _one_line(err: str) -> str:
         (["fit", "--template", "{prompt} only"], cli.EXIT_USAGE, "--template"),
         (["report", "--dataset", str(SAMPLE_PREFERENCES)], cli.EXIT_INPUT, "legend-hf annotate --dataset"),
         (["annotate", "--dataset", "empty.jsonl"], cli.EXIT_INPUT, "empty.jsonl: no rows"),
-        (["annotate", "--dataset", "broken.jsonl"], cli.EXIT_INPUT, "broken.jsonl, line 2, column 2: not valid JSON (Expecting property name"),
+        (
+            ["annotate", "--dataset", "broken.jsonl"],
+            cli.EXIT_INPUT,
+            "broken.jsonl, line 2, column 2: not valid JSON (Expecting property name",
+        ),
     ],
 )
 def test_errors_are_one_line_with_exit_code(
