@@ -49,6 +49,7 @@ from .evaluation import LabelledPairs
 from .formatting import Conversation, TextTemplate, pair_conversations
 from .hidden_states import tokenize
 from .models import DEFAULT_MODEL_ID, resolve_model
+from .options import quiet_progress_bars
 
 MARGIN_COLUMN = "margin"
 
@@ -291,9 +292,8 @@ def trl_pairs(dataset: Dataset, columns: Columns = ("prompt", "chosen", "rejecte
         }
 
     drop = [c for c in (prompt, chosen, rejected) if c in dataset.column_names]
-    return dataset.map(
-        convert, batched=True, with_indices=True, remove_columns=drop, desc="legend-hf: TRL pairs"
-    )
+    with quiet_progress_bars():  # one fast pass: no bar
+        return dataset.map(convert, batched=True, with_indices=True, remove_columns=drop)
 
 
 def encode_texts(tokenizer: Any, conversations: Sequence[Conversation], max_length: int) -> list[list[int]]:
@@ -361,7 +361,8 @@ def train_reward_model(
     path = resolve_model(model)
     tokenizer = _tokenizer(path)
     set_seed(args.seed)  # the new reward head's initial weights follow the seed, not earlier random draws
-    reward_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    with quiet_progress_bars():  # no "Loading weights" bar beside the training's
+        reward_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     reward_model.config.pad_token_id = tokenizer.pad_token_id
     data = reward_pairs(dataset, tokenizer, max_length=max_length, columns=columns)
     if not use_margins and "margin" in data.column_names:
@@ -389,7 +390,8 @@ def train_dpo(
     path = resolve_model(model)
     tokenizer = _tokenizer(path)
     set_seed(args.seed)
-    policy, reference = (AutoModelForCausalLM.from_pretrained(path) for _ in range(2))
+    with quiet_progress_bars():  # no "Loading weights" bars beside the training's
+        policy, reference = (AutoModelForCausalLM.from_pretrained(path) for _ in range(2))
     data = trl_pairs(dataset, columns)
     if not use_margins:
         data = data.remove_columns([c for c in ("margin",) if c in data.column_names])

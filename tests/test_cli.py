@@ -57,9 +57,9 @@ def tiny_direction(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="module")
 def annotated(tiny_direction: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("annotated")
-    # float32: the engine tests compare against this run to 1e-5. In bf16 a matmul's rounding follows
-    # the rows packed beside a text, and the engines pack other rows together (differences ~1e-3).
     argv = ["annotate", "--direction", str(tiny_direction), "--limit", "24", "--output_dir", str(folder)]
+    # float32: exact, so the engines' results can be compared to it (bfloat16, the default on CPUs with AMX or
+    # AVX512-BF16, moves margins by ~1e-3 with the way texts are packed together)
     assert cli.main([*argv, "--bins", "3", "--dtype", "float32"]) == 0
     return folder
 
@@ -78,6 +78,35 @@ def test_help_documents_every_option(command: str, capsys: pytest.CaptureFixture
     assert "exit codes" in " ".join(out.split())
     assert "site-packages" not in out and str(Path.cwd()) not in out  # no machine paths as defaults
     assert "[PKU_SAFERLHF]" not in out and "[DEBUG]" not in out  # booleans read as flags
+
+
+@pytest.mark.parametrize("command", sorted(cli.OPTIONS))
+def test_help_says_each_default_once(command: str) -> None:
+    """No "(default ...) (default: None)": a None default is left to the help's own words."""
+    parser = cli.build_parser()[1][command]
+    for action in parser._actions:
+        text = parser._get_formatter()._expand_help(action) if action.help else ""
+        assert text.lower().count("default") <= 1, f"{action.option_strings}: {text}"
+
+
+def test_help_shows_yes_no_options_and_their_no_switches(capsys: pytest.CaptureFixture[str]) -> None:
+    text = " ".join(run(capsys, "annotate", "--help")[1].split())
+    for option in ("--share_prompt", "--packing", "--check_model_id", "--progress", "--pku_saferlhf"):
+        assert f"{option} [true|false]" in text or f"{option} true|false" in text, option
+    assert "--no_check_model_id, --no-check-model-id the same as --check_model_id false" in text
+    assert "--no_progress, --no-progress the same as --progress false" in text
+    train = " ".join(run(capsys, "train", "--help")[1].split())
+    assert "a model repo for fit and train" in train
+
+
+def test_train_takes_the_trainingarguments_names_and_the_old_batch_size() -> None:
+    from legend_hf.cli.arguments import TrainArguments
+
+    argv = ["train", "--per_device_train_batch_size", "2", "--bf16", "--report_to", "tensorboard"]
+    args = next(a for a in cli.parse(argv)[1] if isinstance(a, TrainArguments))
+    assert (args.per_device_train_batch_size, args.bf16, args.report_to) == (2, True, "tensorboard")
+    args = next(a for a in cli.parse(["train", "--batch_size", "3"])[1] if isinstance(a, TrainArguments))
+    assert (args.per_device_train_batch_size, args.bf16, args.report_to) == (3, False, "none")
 
 
 def test_the_runtime_options_are_the_python_ones(capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,7 +189,9 @@ def test_annotate_writes_data_card_histogram_and_report(annotated: Path) -> None
         annotated
     )
     assert report["rows"] == 24 and report["dataset"] == "sample_preferences.jsonl"
-    assert "/" not in json.dumps(report["record"]) or "HuggingFaceTB" in json.dumps(report["record"])
+    record = report["record"]
+    assert record["model_id"] == Path(record["model_id"]).name  # the tiny model's folder name, not its path
+    assert str(annotated.parent.parent) not in json.dumps(report)  # no machine path anywhere
     assert {"all", "refusal_vs_compliance"} <= set(report["scores"])
 
 
@@ -235,9 +266,10 @@ def test_report_on_what_annotate_wrote_shows_how_it_was_annotated(
         capsys, "report", "--dataset", str(annotated / "train.parquet"), "--output_dir", str(tmp_path)
     )
     assert code == 0
+    edges = json.loads((annotated / "report.json").read_text())["record"]["bin_edges"]
     for text in (
         f"direction          {tiny_direction.name} (fingerprint {fingerprint})",
-        "3 bins",
+        f"3 bins split at 0, {edges[1]:.4g}, levels [0.0, 1.0, 2.0]",
         "layer 4/4",
     ):
         assert text in out, text
@@ -249,6 +281,24 @@ def test_report_on_what_annotate_wrote_shows_how_it_was_annotated(
         capsys, "report", "--dataset", str(jsonl / "train.jsonl"), "--output_dir", str(tmp_path)
     )
     assert code == 0 and f"fingerprint {fingerprint}" in out and "fixed (x2)" in out
+
+
+def test_report_writes_files_only_when_asked_and_says_what_to_annotate(
+    annotated: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "report")
+    assert code == cli.EXIT_INPUT
+    assert _one_line(err) == (
+        "legend-hf report: error: nothing annotated yet: legend-hf-output/annotated/train.parquet does not exist; "
+        "run `legend-hf annotate` first, or pass --dataset (--debug shows the traceback)"
+    )
+    code, out, _ = run(capsys, "report", "--dataset", str(annotated / "train.parquet"))
+    assert code == 0 and "pair_accuracy" in out and "outputs" not in out
+    assert list(tmp_path.iterdir()) == []  # printed only: no ./legend-hf-output/report/ to overwrite
+    code, _, err = run(capsys, "report", "--dataset", str(SAMPLE_PREFERENCES))
+    assert code == cli.EXIT_INPUT
+    assert f"annotate it first (legend-hf annotate --dataset {SAMPLE_PREFERENCES})" in _one_line(err)
 
 
 def annotated_direction_name(annotated: Path) -> str:
@@ -344,18 +394,73 @@ def _one_line(err: str) -> str:
         (["generate", "--output", "out.txt"], cli.EXIT_USAGE, "--output"),
         (["generate", "--do_sample", "--temperature", "0"], cli.EXIT_USAGE, "temperature"),
         (["fit", "--template", "{prompt} only"], cli.EXIT_USAGE, "--template"),
-        (["report", "--dataset", str(SAMPLE_PREFERENCES)], cli.EXIT_INPUT, "margin"),
+        (["report", "--dataset", str(SAMPLE_PREFERENCES)], cli.EXIT_INPUT, "legend-hf annotate --dataset"),
+        (["annotate", "--dataset", "empty.jsonl"], cli.EXIT_INPUT, "empty.jsonl: no rows"),
+        (
+            ["annotate", "--dataset", "broken.jsonl"],
+            cli.EXIT_INPUT,
+            "broken.jsonl, line 2, column 2: not valid JSON (Expecting property name",
+        ),
     ],
 )
 def test_errors_are_one_line_with_exit_code(
     argv: list[str], code: int, expected: str, tiny_direction: Path, tmp_path: Path, capsys
 ) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    good = json.dumps({"prompt": "hi", "chosen": "fine", "rejected": "ok"})
+    (tmp_path / "broken.jsonl").write_text(f"{good}\n{{'prompt': 'hi',\n{good}\n")
+    argv = [str(tmp_path / a) if a in ("empty.jsonl", "broken.jsonl") else a for a in argv]
     if argv[0] == "annotate":
         argv = [*argv, "--direction", str(tiny_direction), "--output_dir", str(tmp_path)]
     got, _, err = run(capsys, *argv)
     assert got == code
     line = _one_line(err)
     assert line.startswith(f"legend-hf {argv[0]}: error:") and expected in line
+    if code == cli.EXIT_USAGE:
+        assert line.endswith(f"(legend-hf {argv[0]} --help lists the options)")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--scale", "bogus"], "--scale must be none, standardize or a positive number, got 'bogus'"),
+        (["--scale=-1"], "--scale must be none, standardize or a positive number, got '-1'"),
+        (["--bins", "1"], "--bins must be at least 2, got 1"),
+        (["--bins", "3", "--levels", "0", "1"], "--levels needs one value per bin: 2 for --bins 3"),
+        (["--clip_min", "1", "--clip_max", "0"], "--clip_min 1.0 is above --clip_max 0.0"),
+        (["--target_std", "0"], "--target_std must be positive, got 0.0"),
+    ],
+)
+def test_a_bad_margin_scale_is_named_once_before_any_work(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "annotate", *argv)
+    assert code == cli.EXIT_USAGE
+    assert err.splitlines() == [
+        f"legend-hf annotate: error: {message} (legend-hf annotate --help lists the options)"
+    ]
+
+
+def test_a_misspelt_direction_is_answered_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "annotate", "--direction", "smv-smolm2", "--limit", "2")
+    assert code == cli.EXIT_INPUT
+    assert "did you mean smv-smollm2?" in _one_line(err)
+
+
+def test_a_local_folder_named_like_a_shipped_direction_is_used_with_a_warning(
+    tiny_direction: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_direction, tmp_path / "smv-smollm2")
+    code, _, err = run(capsys, "annotate", "--direction", "smv-smollm2", "--limit", "4")
+    assert code == 0, err
+    assert "legend-hf: warning: smv-smollm2: loading the local folder smv-smollm2/" in err
+    report = json.loads((tmp_path / "legend-hf-output" / "annotated" / "report.json").read_text())
+    assert report["record"]["direction"] == "./smv-smollm2"
+    card = (tmp_path / "legend-hf-output" / "annotated" / "README.md").read_text()
+    assert "`./smv-smollm2`, a local folder" in card
 
 
 def test_bad_row_names_row_and_column(tiny_direction: Path, tmp_path: Path, capsys) -> None:
@@ -508,7 +613,7 @@ def test_torchrun_engine_two_processes_equal_local_and_resume(
     """`legend-hf annotate --engine torchrun` under torchrun (2 gloo processes) gives the local result."""
     argv = [
         *("annotate", "--engine", "torchrun", "--direction", str(tiny_direction), "--limit", "24"),
-        *("--bins", "3", "--shard_size", "5", "--dtype", "float32", "--output_dir", str(tmp_path)),
+        *("--bins", "3", "--dtype", "float32", "--shard_size", "5", "--output_dir", str(tmp_path)),
     ]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [*launch, "-m", "legend_hf.cli", *argv]
@@ -526,9 +631,11 @@ def test_torchrun_engine_two_processes_equal_local_and_resume(
 
 
 def test_ray_engine_equals_local(annotated: Path, tiny_direction: Path, tmp_path: Path, capsys) -> None:
-    ray = pytest.importorskip("ray")
+    import ray
+
     argv = [
         *("annotate", "--engine", "ray", "--direction", str(tiny_direction), "--limit", "24", "--bins", "3"),
+        *("--dtype", "float32"),
         *(
             "--num_actors",
             "2",
@@ -536,8 +643,6 @@ def test_ray_engine_equals_local(annotated: Path, tiny_direction: Path, tmp_path
             "0.5",
             "--batch_size",
             "8",
-            "--dtype",
-            "float32",
             "--output_dir",
             str(tmp_path),
         ),

@@ -433,5 +433,5 @@ def test_cli_train_without_trl_names_the_extra(annotated_file: Path, capsys, mon
 
 
 def test_margin_dpo_config_pins_memory_only_with_a_gpu(tmp_path: Path) -> None:
-    config = MarginDPOConfig(output_dir=str(tmp_path), bf16=False)
+    config = MarginDPOConfig(output_dir=str(tmp_path), bf16=False, activation_checkpointing=False)
     assert config.dataloader_pin_memory is torch.cuda.is_available()  # pinning without a GPU only warns
