@@ -464,22 +464,27 @@ def worker_reference(spec: Row) -> Row:
     }
 
 
+def last_hidden_state(model: Any, spec: Row) -> Forward:
+    """``forward(ids, mask)`` of a bare base model on ``spec``'s device (no KV cache for decoders)."""
+    extra = {"use_cache": False} if spec["decoder"] else {}
+
+    def forward(ids: Any, mask: Any) -> Any:
+        inputs = {"input_ids": ids.to(spec["device"]), **extra}
+        if mask is not None:
+            inputs["attention_mask"] = mask.to(spec["device"])
+        return model(**inputs).last_hidden_state
+
+    return forward
+
+
 def worker_raw(spec: Row) -> Row:
     """The bare base model over the same texts: one at a time and in padded length-sorted batches."""
     import torch
     from transformers import AutoTokenizer
 
-    device = spec["device"]
     base = load_base(spec, spec["dtype"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    extra = {"use_cache": False} if spec["decoder"] else {}
-
-    def forward(ids: Any, mask: Any) -> Any:
-        inputs = {"input_ids": ids.to(device), **extra}
-        if mask is not None:
-            inputs["attention_mask"] = mask.to(device)
-        return base(**inputs).last_hidden_state
-
+    forward = last_hidden_state(base, spec)
     with torch.inference_mode():
         row, _ = time_batches(spec, forward, tokenizer, context_limit(base, tokenizer))
     return {**row, "dtype": spec["dtype"]}
@@ -492,20 +497,11 @@ def worker_compile(spec: Row) -> Row:
     import torch._inductor.config as inductor_config
     from transformers import AutoTokenizer
 
-    device = spec["device"]
     base = load_base(spec, "bfloat16")
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     limit = context_limit(base, tokenizer)
     inductor_config.freezing = True
-    compiled = torch.compile(base, dynamic=True)
-    extra = {"use_cache": False} if spec["decoder"] else {}
-
-    def forward(ids: Any, mask: Any) -> Any:
-        inputs = {"input_ids": ids.to(device), **extra}
-        if mask is not None:
-            inputs["attention_mask"] = mask.to(device)
-        return compiled(**inputs).last_hidden_state
-
+    forward = last_hidden_state(torch.compile(base, dynamic=True), spec)
     with torch.no_grad():  # freezing needs inference without autograd
         row, first = time_batches(spec, forward, tokenizer, limit, warm_up=False)
     return {**row, "dtype": "bfloat16", "first_pass_seconds": first}
