@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,10 +46,7 @@ class Pack:
     @property
     def starts(self) -> list[int]:
         """Token offsets of the texts, plus the row's length at the end (``cu_seqlens``)."""
-        out = [0]
-        for n in self.lengths:
-            out.append(out[-1] + n)
-        return out
+        return _offsets(self.lengths)
 
     def prefix_lengths(self) -> list[int]:
         """Tokens before each text: all of its prefix's (0 without one)."""
@@ -77,7 +75,7 @@ class Pack:
 
         def make() -> torch.Tensor:
             assert self.prefix is not None and self.prefix_of is not None
-            own, pre = self.starts, [0, *torch.tensor(self.prefix.key_lengths()).cumsum(0).tolist()]
+            own, pre = self.starts, _offsets(self.prefix.key_lengths())
             offset = pre[-1]
             parts = [
                 torch.cat(
@@ -125,6 +123,11 @@ class Pack:
             return to_device(out, device)
 
         return self._cached(name, device, make)
+
+
+def _offsets(lengths: Sequence[int]) -> list[int]:
+    """Where each of consecutive runs of ``lengths`` starts, plus their total at the end."""
+    return [0, *itertools.accumulate(lengths)]
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
