@@ -310,7 +310,7 @@ def score_batches(
     Scores stay where the forward left them, so a GPU never waits on the host until the run ends."""
     import torch
 
-    from legend_hf.hidden_states import pad
+    from legend_hf.batching import pad
 
     out = []
     for batch in raw_batches([len(x) for x in input_ids], size):
@@ -515,7 +515,7 @@ def worker_openvino(spec: Row) -> Row:
     import torch
     from transformers import AutoTokenizer
 
-    from legend_hf.hidden_states import pad
+    from legend_hf.batching import pad
 
     base = load_base(spec, "float32")
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -778,7 +778,7 @@ def resolve_models(args: argparse.Namespace, workdir: Path) -> dict[str, tuple[P
 
 
 def default_budget(device: str) -> int:
-    from legend_hf.hidden_states import CPU_TOKENS, GPU_TOKENS
+    from legend_hf.reader import CPU_TOKENS, GPU_TOKENS
 
     return GPU_TOKENS if device.startswith("cuda") else CPU_TOKENS
 

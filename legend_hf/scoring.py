@@ -21,11 +21,11 @@ from torch import nn
 
 from .direction import SafetyDirection
 from .formatting import Conversation, TextTemplate
-from .hidden_states import TextReader
 from .hub import HubLookupError, public_name
 from .models import load_model, model_identity, normalize_layer, resolve_device
 from .options import RuntimeOptions
 from .precision import compute_dtypes
+from .reader import TextReader
 
 logger = logging.getLogger(__name__)
 

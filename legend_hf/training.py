@@ -47,9 +47,9 @@ from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
 from .evaluation import LabelledPairs
 from .formatting import Conversation, TextTemplate, pair_conversations
-from .hidden_states import tokenize
 from .models import DEFAULT_MODEL_ID, resolve_model
 from .options import quiet_progress_bars
+from .reader import tokenize
 
 MARGIN_COLUMN = "margin"
 
@@ -431,7 +431,7 @@ def reward_accuracy(
 
 def rewards(model: nn.Module, tokenizer: Any, ids: list[list[int]], batch: int = 16) -> torch.Tensor:
     """One reward per token-id row (a one-logit sequence-classification model), batched, in float64."""
-    from .hidden_states import pad
+    from .batching import pad
 
     model.eval()
     out = []
