@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.3.0"
+from .names import __version__
 
 _EXPORTS = {
     # the artifact and how to fit it
@@ -43,10 +43,11 @@ _EXPORTS = {
     "load_data": "data_io",
     "pku_saferlhf_to_pairs": "data_io",
     "generate_responses": "generate",
-    "dataset_card": "cards",
+    "dataset_card": "publish",
     "margin_histogram": "plots",
+    "dataset_histogram": "publish",
     "plot_layer_scores": "plots",
-    "push_annotated_dataset": "hub",
+    "push_annotated_dataset": "publish",
 }
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "annotate_margins",
     "annotation_report",
     "dataset_card",
+    "dataset_histogram",
     "evaluate_direction",
     "fit_balanced",
     "fit_direction",
@@ -84,17 +86,16 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .annotate import MarginAnnotator, annotate_margins, scale_margins
-    from .cards import dataset_card
     from .data_io import DEFAULT_DIRECTION, METRIC_PATH, load_data, pku_saferlhf_to_pairs
     from .direction import DirectionModelWarning, SafetyDirection
     from .evaluation import LabelledPairs, QualityReport, annotation_report, evaluate_direction, load_metric
     from .fitting import fit_direction
     from .formatting import TextTemplate
     from .generate import generate_responses
-    from .hub import push_annotated_dataset
     from .options import RuntimeOptions
     from .plots import margin_histogram, plot_layer_scores
     from .provenance import AnnotationRecord, MarginScale, read_record
+    from .publish import dataset_card, dataset_histogram, push_annotated_dataset
     from .recipes import fit_balanced, remove_length
     from .scoring import Scorer
     from .stats import STATISTICS

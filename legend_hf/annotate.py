@@ -104,8 +104,7 @@ class MarginAnnotator:
     def record(self, run: dict[str, Any] | None = None) -> AnnotationRecord:
         """The provenance record of this annotator's margins; ``run`` (default: :meth:`Scorer.run_fields`,
         which loads the model) says how the model ran."""
-        return AnnotationRecord.of(
-            self.direction,
+        return self.direction.record(
             model_id=None if self.scorer.model_id == self.direction.model_id else self.scorer.model_id,
             **self.scale.record_fields(),
             **(run if run is not None else self.scorer.run_fields()),
@@ -259,7 +258,7 @@ def scale_margins(
             raise ValueError(
                 "the dataset has no legend-hf record of its direction: pass the direction that annotated it"
             )
-        record = AnnotationRecord.of(direction)
+        record = direction.record()
     elif direction is not None and direction.fingerprint() != record.direction_fingerprint:
         raise ValueError(
             f"the dataset was annotated with direction {record.direction!r} (fingerprint "

@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 
-from .cards import write_direction_card
+from .cards import direction_card, write_direction_card
 from .data_io import SHIPPED_DIRECTIONS
 from .formatting import InputError
-from .hub import download, looks_local, public_name, push_folder
+from .hub import download, push_folder
 from .models import normalize_layer, num_layers
+from .names import __version__, is_hub_id, looks_local, public_name
+from .provenance import AnnotationRecord
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "direction.safetensors"
@@ -44,8 +46,6 @@ class DirectionModelWarning(UserWarning):
 
 
 def _library_version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -150,6 +150,38 @@ class SafetyDirection:
             digest.update(self.vectors[k].numpy().tobytes())
         return digest.hexdigest()[:32]
 
+    def record(self, *, model_id: str | None = None, **fields_: Any) -> AnnotationRecord:
+        """The provenance record of margins from this direction (``model_id``: another model than the recorded
+        one); ``fields_`` set the others (how the model ran, the scale), over the direction's own settings."""
+        record = AnnotationRecord(
+            direction=self.name,
+            direction_revision=self.source_revision,
+            direction_fingerprint=self.fingerprint(),
+            model_id=public_name(model_id or self.model_id) or "",
+            model_revision=self.model_revision if model_id is None else None,
+            layer=self.layer,
+            num_layers=self.num_layers,
+            pooling=self.pooling,
+            template=self.template,
+            method=self.method,
+            max_length=self.max_length,
+            library_version=__version__,
+        )
+        return replace(record, **fields_)
+
+    def generate_model_card(
+        self, *, repo_id: str | None = None, license: str | None = None, plot: str | None = None
+    ) -> Any:
+        """The artifact's model card (a ``ModelCard``), rendered from :meth:`config_dict`: ``repo_id`` names the
+        artifact in the usage snippets (default: where it was loaded from), ``plot`` the per-layer image."""
+        return direction_card(
+            self.config_dict(),
+            fingerprint=self.fingerprint(),
+            repo_id=repo_id or (self.source if is_hub_id(self.source) else None),
+            license=license,
+            plot=plot,
+        )
+
     def check_model(self, model: torch.nn.Module, *, check_model_id: bool = True) -> None:
         """Raise before any compute if ``model`` cannot host this direction; warn on another model id."""
         config = model.config
@@ -191,7 +223,12 @@ class SafetyDirection:
         save_file(tensors, str(path / WEIGHTS_NAME), metadata=metadata)
         (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2, ensure_ascii=False) + "\n")
         if card:
-            write_direction_card(self, path, repo_id=repo_id)
+            write_direction_card(
+                self.config_dict(),
+                path,
+                fingerprint=self.fingerprint(),
+                repo_id=repo_id or (self.source if is_hub_id(self.source) else None),
+            )
         return path
 
     @classmethod

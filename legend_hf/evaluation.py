@@ -413,7 +413,8 @@ def annotation_report(
         rejected_column=rejected_column,
         group_column=group_column,
     )
-    overview = dataset_overview(dataset)
+    record = read_record(dataset, card)
+    overview = dataset_overview(dataset, bins=record.bins if record is not None else None)
     raw = overview.pop("values")
     if "chosen_safety" in columns and "rejected_safety" in columns:
         chosen, rejected = list(dataset["chosen_safety"]), list(dataset["rejected_safety"])
@@ -423,7 +424,6 @@ def annotation_report(
     if "chosen_safety" not in columns:
         for statistics in scores.values():
             statistics["response_auc"] = float("nan")
-    record = read_record(dataset, card)
     has_labels = any(c in columns for c in LABEL_COLUMNS) or is_pku_saferlhf(columns)
     return {
         "rows": len(dataset),

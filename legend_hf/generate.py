@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .formatting import ALPACA_TEMPLATE, InputError, Message, messages_to_text
-from .hub import public_name
 from .models import load_model
+from .names import public_name
 from .options import RuntimeOptions, runtime_options
 
 GENERATION_KEY = "legend_hf_generation"

@@ -16,14 +16,9 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-from .hub import public_name
-
-if TYPE_CHECKING:
-    from .direction import SafetyDirection
 
 RECORD_KEY = "legend_hf"
 MARGIN = "margin"
@@ -189,30 +184,6 @@ class AnnotationRecord:
     levels: list[float] | None = None
     dtype: str | None = None
     residual_dtype: str | None = None
-
-    @classmethod
-    def of(
-        cls, direction: SafetyDirection, *, model_id: str | None = None, **fields_: Any
-    ) -> AnnotationRecord:
-        """The record of margins from ``direction`` (``model_id``: another model than the recorded one);
-        ``fields_`` set the others (how the model ran, the scale), over the direction's own settings."""
-        from . import __version__
-
-        record = cls(
-            direction=direction.name,
-            direction_revision=direction.source_revision,
-            direction_fingerprint=direction.fingerprint(),
-            model_id=public_name(model_id or direction.model_id) or "",
-            model_revision=direction.model_revision if model_id is None else None,
-            layer=direction.layer,
-            num_layers=direction.num_layers,
-            pooling=direction.pooling,
-            template=direction.template,
-            method=direction.method,
-            max_length=direction.max_length,
-            library_version=__version__,
-        )
-        return replace(record, **fields_)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

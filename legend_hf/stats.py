@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from .provenance import read_record
-
 STATISTICS: dict[str, str] = {
     "mean_margin": "mean of the margins",
     "median_margin": "median of the margins",
@@ -208,17 +206,17 @@ def margin_values(data: Any) -> tuple[np.ndarray, str | None]:
     return np.asarray(values, dtype=np.float64).reshape(-1), None
 
 
-def dataset_overview(dataset: Any, *, by: str | None = None) -> dict[str, Any]:
+def dataset_overview(dataset: Any, *, by: str | None = None, bins: int | None = None) -> dict[str, Any]:
     """What an annotated dataset's margins look like: the raw margins (``values``: ``margin_raw`` when
-    present, ``column`` says which) and their :func:`distribution`, pairs per bin, truncated pairs and, with
-    ``by``, a margin :func:`summary` per value of that column."""
+    present, ``column`` says which) and their :func:`distribution`, pairs per bin (``bins``: how many the
+    record says there are; default: up to the highest level seen), truncated pairs and, with ``by``, a margin
+    :func:`summary` per value of that column."""
     values, column = margin_values(dataset)
     out: dict[str, Any] = {"column": column, "values": values, **distribution(values)}
     columns = dataset.column_names
     if "margin_level" in columns:
-        record = read_record(dataset)
         levels = [int(x) for x in dataset["margin_level"]]
-        n_bins = record.bins if record is not None and record.bins else max(levels, default=-1) + 1
+        n_bins = bins or max(levels, default=-1) + 1
         out["bins"] = {i: levels.count(i) for i in range(n_bins)}
     if "truncated" in columns:
         out["truncated"] = int(sum(dataset["truncated"]))

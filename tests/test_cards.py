@@ -16,13 +16,14 @@ from legend_hf import (
     SafetyDirection,
     annotate_margins,
     dataset_card,
+    dataset_histogram,
     fit_direction,
     margin_histogram,
     push_annotated_dataset,
     read_record,
 )
 from legend_hf import cards as cards_module
-from legend_hf.cards import LEGEND_BIBTEX, TEMPLATES, direction_card, size_category, write_direction_card
+from legend_hf.cards import LEGEND_BIBTEX, TEMPLATES, size_category, write_direction_card
 
 pytest_plugins = ["hub_server"]
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def test_one_copy_of_the_templates_in_hub_cards():
 
 
 def test_direction_card_parses_back(direction):
-    card = ModelCard(str(direction_card(direction, repo_id="me/smv-tiny", license="apache-2.0")))
+    card = ModelCard(str(direction.generate_model_card(repo_id="me/smv-tiny", license="apache-2.0")))
     assert card.data.library_name == "legend-hf"
     assert card.data.license == "apache-2.0"
     assert {"legend", "safety", "safety-direction"} <= set(card.data.tags)
@@ -63,32 +64,32 @@ def test_direction_card_parses_back(direction):
     assert str(Path(direction.model_id).parent) not in text  # no absolute local paths in a public card
 
     hub = replace(direction, model_id="HuggingFaceTB/SmolLM2-135M-Instruct", model_revision="abc123")
-    card = ModelCard(str(direction_card(hub)))
+    card = ModelCard(str(hub.generate_model_card()))
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "(https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) @ `abc123`" in card.text
 
 
 def test_write_direction_card_with_and_without_plot(direction, tmp_path, monkeypatch):
-    readme = write_direction_card(direction, tmp_path)
+    readme = write_direction_card(direction.config_dict(), tmp_path, fingerprint=direction.fingerprint())
     assert (tmp_path / "layer_scores.png").read_bytes().startswith(PNG)
     assert "![Held-out separation per layer](layer_scores.png)" in readme.read_text()
 
     monkeypatch.setattr(cards_module, "has_matplotlib", lambda: False)
-    write_direction_card(direction, tmp_path)
+    write_direction_card(direction.config_dict(), tmp_path, fingerprint=direction.fingerprint())
     assert not (tmp_path / "layer_scores.png").exists()  # no stale plot next to a card that does not show it
     assert "layer_scores.png" not in readme.read_text()
 
 
 def test_single_layer_direction_card_has_no_plot(tiny_bert_path, tmp_path):
     direction = fit_direction(str(tiny_bert_path), HARMFUL[:3])  # too few pairs to score layers
-    write_direction_card(direction, tmp_path)
+    write_direction_card(direction.config_dict(), tmp_path, fingerprint=direction.fingerprint())
     text = (tmp_path / "README.md").read_text()
     assert "No held-out scores were recorded" in text
     assert not (tmp_path / "layer_scores.png").exists()
 
 
 def test_margin_histogram_writes_a_png(annotated, tmp_path):
-    assert margin_histogram(annotated, tmp_path / "hist.png").read_bytes().startswith(PNG)
+    assert dataset_histogram(annotated, tmp_path / "hist.png").read_bytes().startswith(PNG)
     assert margin_histogram([0.5, 0.5, 0.5], tmp_path / "flat.png").read_bytes().startswith(PNG)
     with pytest.raises(ValueError, match="no margins"):
         margin_histogram([], tmp_path / "empty.png")

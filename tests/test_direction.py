@@ -132,7 +132,6 @@ def test_a_misspelt_shipped_name_is_answered_at_once(ref, monkeypatch):
 
 
 def test_a_local_folder_named_like_a_shipped_direction_warns_and_is_recorded_apart(tmp_path, monkeypatch):
-    from legend_hf import AnnotationRecord
 
     monkeypatch.chdir(tmp_path)
     mine = make_direction()
@@ -140,7 +139,7 @@ def test_a_local_folder_named_like_a_shipped_direction_warns_and_is_recorded_apa
     with pytest.warns(UserWarning, match=r"loading the local folder smv-smollm2/, not the shipped direction"):
         loaded = SafetyDirection.from_pretrained("smv-smollm2")
     assert loaded.fingerprint() == mine.fingerprint()
-    assert loaded.name == "./smv-smollm2" == AnnotationRecord.of(loaded).direction
+    assert loaded.name == "./smv-smollm2" == loaded.record().direction
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert SafetyDirection.from_pretrained("./smv-smollm2").name == "./smv-smollm2"

@@ -21,8 +21,8 @@ from legend_hf import (
     SafetyDirection,
     annotate_margins,
     dataset_card,
+    dataset_histogram,
     fit_direction,
-    margin_histogram,
 )
 from legend_hf.models import load_model
 from legend_hf.stats import roc_auc
@@ -60,7 +60,7 @@ def main() -> None:
     )
     dataset_dir = HERE / "dataset"
     dataset_dir.mkdir(exist_ok=True)
-    margin_histogram(annotated, dataset_dir / "margin_histogram.png")
+    dataset_histogram(annotated, dataset_dir / "margin_histogram.png")
     card = dataset_card(
         annotated,
         direction,

@@ -23,9 +23,9 @@ from ..data_io import (
     write_dataset,
 )
 from ..formatting import InputError, TextTemplate
-from ..hub import public_name
+from ..names import public_name
 from ..options import RuntimeOptions, quiet_progress_bars
-from ..plots import HISTOGRAM_NAME, has_matplotlib, margin_histogram
+from ..plots import HISTOGRAM_NAME, has_matplotlib
 from ..stats import clean
 from .arguments import (
     ANNOTATED,
@@ -94,7 +94,9 @@ def _write_histogram(dataset: Any, folder: Path) -> Path | None:
         logger.warning("matplotlib is not installed: no histogram (pip install 'legend-hf[plot]')")
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    return margin_histogram(dataset, folder / HISTOGRAM_NAME)
+    from ..publish import dataset_histogram
+
+    return dataset_histogram(dataset, folder / HISTOGRAM_NAME)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -317,10 +319,9 @@ def run_annotate(
     hub: HubArguments,
 ) -> int:
     from ..annotate import annotate_margins, check_columns, scale_margins
-    from ..cards import dataset_card
     from ..direction import SafetyDirection
     from ..evaluation import annotation_report
-    from ..hub import push_annotated_dataset
+    from ..publish import dataset_card, push_annotated_dataset
 
     # Every option first: nothing below loads a model until all of them are known to be usable.
     scaling = _scaling(scale)

@@ -21,7 +21,7 @@ from datasets import Dataset
 from pandas.io.formats.style import Styler
 from torch import nn
 
-from legend_hf import STATISTICS, SafetyDirection, annotate_margins, annotation_report, margin_histogram
+from legend_hf import STATISTICS, SafetyDirection, annotate_margins, annotation_report, dataset_histogram
 from legend_hf.annotate import BASE_COLUMNS
 from legend_hf.data_io import DEFAULT_DIRECTION, SHIPPED_DIRECTIONS, load_data, write_dataset
 from legend_hf.evaluation import LABEL_COLUMNS
@@ -83,7 +83,7 @@ def score(name: str, dataset: Dataset) -> Outputs:
     return (
         annotated.select_columns(shown).to_pandas().style.format(precision=4),
         statistics(report["scores"]["all"], labelled=any(c in dataset.column_names for c in LABEL_COLUMNS)),
-        str(margin_histogram(annotated, folder / "margin_histogram.png")),
+        str(dataset_histogram(annotated, folder / "margin_histogram.png")),
         str(write_dataset(annotated, folder / "legend_margins.parquet")),
         report["record"],
     )
