@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import torch
 
 from .annotate import MarginAnnotator
 from .direction import SafetyDirection
+from .options import RuntimeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +240,17 @@ def _write_table(path: Path, table: Any) -> None:
     _atomic_write(path, lambda f: pq.write_table(table, f))
 
 
+def worker_runtime(runtime: RuntimeOptions | None = None) -> RuntimeOptions:
+    """The runtime of this process's worker: ``runtime`` as given, on ``cuda:$LOCAL_RANK`` (made the current
+    CUDA device) when GPUs exist and ``runtime`` names no device."""
+    runtime = runtime or RuntimeOptions()
+    if runtime.device is None and torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        runtime = replace(runtime, device=f"cuda:{local_rank}")
+    return runtime
+
+
 def annotate_distributed(
     dataset: Any,
     direction: SafetyDirection,
@@ -247,12 +259,14 @@ def annotate_distributed(
     shard_size: int = 10_000,
     batch_size: int = 1000,
     timeout: timedelta = timedelta(hours=24),
+    runtime: RuntimeOptions | None = None,
     **annotator_options: Any,
 ) -> Any:
     """Resumable annotation under ``torchrun``/``accelerate launch`` (or alone): returns the merged ``Dataset``
     on rank 0 and ``None`` on the other ranks.
 
-    Every rank annotates its shards (:func:`annotate_shards`) on ``cuda:$LOCAL_RANK`` when GPUs exist, then
+    Every rank annotates its shards (:func:`annotate_shards`) with :func:`worker_runtime` (``runtime``, on
+    ``cuda:$LOCAL_RANK`` when GPUs exist and ``runtime`` names no device), then
     waits for the others at a ``torch.distributed`` barrier (``gloo`` on CPU, ``nccl`` on GPU, created here
     when the launcher has not; ``timeout`` bounds the wait for the slowest rank), and rank 0 merges the
     shards. Without a launcher it is a single resumable process. Rerun the same command after a crash: only
@@ -262,10 +276,7 @@ def annotate_distributed(
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available() and annotator_options.get("device") is None:
-        torch.cuda.set_device(local_rank)
-        annotator_options["device"] = f"cuda:{local_rank}"
+    runtime = worker_runtime(runtime)
     created = world_size > 1 and not dist.is_initialized()
     if created:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
@@ -278,6 +289,7 @@ def annotate_distributed(
             batch_size=batch_size,
             rank=rank,
             world_size=world_size,
+            runtime=runtime,
             **annotator_options,
         )
         if world_size > 1:
