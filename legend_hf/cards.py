@@ -382,6 +382,7 @@ def dataset_card(
         n_rows=n_rows,
         new_columns=new_columns,
         stats=overview,
+        overall=report["scores"]["all"],
         stats_intro=stats_intro,
         bin_rows=_bin_rows(overview, shown),
         meaning=meaning,

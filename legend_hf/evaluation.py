@@ -119,9 +119,14 @@ class LabelledPairs:
             labels.chosen_is_safe.append(safe1)
             labels.rejected_is_safe.append(safe2)
             labels.severity_diff.append(None if sev1 is None or sev2 is None else sev2 - sev1)
-            labels.length_diff.append(float(len(chosen[i][1]) - len(rejected[i][1])))
+            labels.length_diff.append(length_diff(chosen[i], rejected[i]))
             labels.groups.append(str(row[group_column]) if group_column is not None else "all")
         return cls(chosen, rejected, labels)
+
+
+def length_diff(chosen: Conversation, rejected: Conversation) -> float:
+    """The response-length difference of a pair, in characters, chosen minus rejected."""
+    return float(len(chosen[1]) - len(rejected[1]))
 
 
 def _flag(row: Mapping[str, Any], column: str, i: int) -> bool | None:
@@ -335,7 +340,7 @@ def score_pair_texts(
         chosen_is_safe=[None] * n,
         rejected_is_safe=[None] * n,
         severity_diff=list(references) if references is not None and not binary else [None] * n,
-        length_diff=[float(len(c[1]) - len(r[1])) for c, r in zip(chosen_c, rejected_c, strict=True)],
+        length_diff=[length_diff(c, r) for c, r in zip(chosen_c, rejected_c, strict=True)],
         groups=["all"] * n,
     )
     statistics = pair_statistics(scores.chosen.tolist(), scores.rejected.tolist(), labels)
@@ -395,9 +400,10 @@ def annotation_report(
     group_column: str | None = None,
     card: str | Path | None = None,
 ) -> dict[str, Any]:
-    """What an annotated dataset holds: its provenance record (from the data, else the card ``card``), the
-    distribution of its raw margins, pairs per bin and truncated pairs, and the statistics of
-    :mod:`legend_hf.stats` against the labels the data carries (overall and per group).
+    """What an annotated dataset holds, each number once: its provenance record (from the data, else the card
+    ``card``), the spread of its raw margins, pairs per bin and truncated pairs (``margins``), and the statistics
+    of :mod:`legend_hf.stats` against the labels the data carries (``scores``, overall under ``all`` and per
+    group: ``mean_margin``, ``median_margin``, ``share_positive``, ``pair_accuracy``...).
 
     Without ``chosen_safety``/``rejected_safety`` columns the per-response statistics are NaN.
     """

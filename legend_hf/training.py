@@ -50,6 +50,7 @@ from .formatting import Conversation, TextTemplate, pair_conversations
 from .hidden_states import tokenize
 from .models import DEFAULT_MODEL_ID, resolve_model
 from .options import quiet_progress_bars
+from .stats import pair_accuracy
 
 MARGIN_COLUMN = "margin"
 
@@ -415,8 +416,8 @@ def _ordered(pairs: LabelledPairs) -> tuple[list[Conversation], list[Conversatio
 
 
 def _accuracy(safer: torch.Tensor, other: torch.Tensor) -> float:
-    """Share of pairs whose safer side scores higher, ties counted half."""
-    return float(((safer > other).double() + 0.5 * (safer == other).double()).mean())
+    """Share of pairs whose safer side scores higher (:func:`legend_hf.stats.pair_accuracy`: ties count half)."""
+    return pair_accuracy((safer.double() - other.double()).cpu().numpy(), [True] * len(safer))
 
 
 @torch.inference_mode()

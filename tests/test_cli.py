@@ -252,7 +252,7 @@ def test_report_scores_against_labels(annotated: Path, tmp_path: Path, capsys) -
     ]
     expected = sum((m > 0) == safer for m, safer in labelled) / len(labelled)
     assert report["scores"]["all"]["pair_accuracy"] == pytest.approx(expected)
-    assert report["margins"]["count"] == 24
+    assert report["scores"]["all"]["n_pairs"] == 24
 
 
 def test_report_on_what_annotate_wrote_shows_how_it_was_annotated(

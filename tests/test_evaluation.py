@@ -208,10 +208,12 @@ def test_pair_statistics_numbers():
 
 
 def test_ties_by_hand():
-    """Ties: half a win in an AUC, the average rank in a Spearman, and a zero margin never finds chosen safer."""
+    """Ties: half a win in an AUC, the average rank in a Spearman, half a correct pair in pair_accuracy."""
     assert roc_auc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == 0.875  # (0.5 + 1 + 1 + 1) / 4
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))  # ranks 1, 2.5, 2.5, 4
     assert pair_accuracy([0.0, 0.0], [False, True]) == 0.5
+    assert pair_accuracy([0.0], [True]) == pair_accuracy([0.0], [False]) == 0.5
+    assert pair_accuracy([0.0, 2.0, -1.0, 3.0], [True, True, True, False]) == pytest.approx(1.5 / 4)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(roc_auc([1.0, 2.0], [1, 1]))
 
 
@@ -423,3 +425,11 @@ def test_annotation_report_uses_the_same_statistics(tiny_llama):
     expected = pair_statistics(scores.chosen.tolist(), scores.rejected.tolist(), pairs.labels)
     assert report["scores"]["all"] == pytest.approx(expected, nan_ok=True)
     assert set(report["scores"]) == {"all", "benign", "refusal_vs_compliance", "unsafe_vs_unsafe"}
+    # Each number once: the margins' spread beside the statistics, none of them twice.
+    assert not set(report["margins"]) & set(report["scores"]["all"])
+    assert "50%" not in report["margins"]["quantiles"] and set(report["margins"]) <= {
+        "column",
+        "bins",
+        "truncated",
+        *STATISTICS,
+    }

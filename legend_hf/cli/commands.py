@@ -128,8 +128,9 @@ def format_report(report: dict[str, Any]) -> str:
     truncated = margins.get("truncated")
     lines += [
         f"  pairs              {report['rows']}" + (f" ({truncated} truncated)" if truncated else ""),
-        f"  {'raw margin' if margins['column'] == 'margin_raw' else 'margin':<18} mean {_fmt(margins['mean'])}  "
-        f"std {_fmt(margins['std'])}  median {_fmt(q.get('50%'))}  5%..95% {_fmt(q.get('5%'))}..{_fmt(q.get('95%'))}",
+        f"  {'raw margin' if margins['column'] == 'margin_raw' else 'margin':<18} mean {_fmt(overall['mean_margin'])}  "
+        f"std {_fmt(margins['std_margin'])}  median {_fmt(overall['median_margin'])}  "
+        f"5%..95% {_fmt(q.get('5%'))}..{_fmt(q.get('95%'))}",
         f"  share_positive     {_fmt(overall['share_positive'])} (margin > 0: the direction finds chosen safer)",
         f"  labels             {report['labels']}",
         f"  pair_accuracy      {_fmt(overall['pair_accuracy'])} on {int(overall['n_ordered'])} pairs with a safer "
