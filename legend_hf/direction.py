@@ -32,6 +32,11 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "direction.safetensors"
 CONFIG_NAME = "direction_config.json"
 SIGN_CONVENTION = "margin = (h(prompt+chosen) - h(prompt+rejected)) . u; positive means chosen is safer"
+LAYER_SCORES = {
+    "pair_accuracy",
+    "response_auc",
+    "n_heldout",
+}  # held-out scores of a layer (fitting.layer_scores)
 _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy")
 
 
@@ -330,11 +335,14 @@ class SafetyDirection:
                 f"{weights_file} holds layers {sorted(vectors)} but {config_file.name} lists {layers}"
             )
         config.pop("sign_convention", None)
-        renamed = {"accuracy": "pair_accuracy", "auc": "response_auc"}  # the names of legend-hf 0.1
-        config["layer_scores"] = {
-            int(k): {renamed.get(name, name): value for name, value in v.items()}
-            for k, v in config.get("layer_scores", {}).items()
-        }
+        config["layer_scores"] = {int(k): v for k, v in config.get("layer_scores", {}).items()}
+        for k, scores in config["layer_scores"].items():
+            unknown = sorted(set(scores) - LAYER_SCORES)
+            if unknown:
+                raise InputError(
+                    f"{config_file}: layer_scores[{k}] has unknown scores {unknown} (expected {sorted(LAYER_SCORES)}; "
+                    "legend-hf 0.1 wrote accuracy/auc: load and re-save the artifact with legend-hf 0.2)"
+                )
         known = {f for f in cls.__dataclass_fields__ if f not in ("vectors", "source", "source_revision")}
         unknown = set(config) - known
         if unknown:

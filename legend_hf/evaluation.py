@@ -19,7 +19,7 @@ from torch import nn
 from .data_io import METRIC_PATH, is_pku_saferlhf, pku_pair
 from .direction import SafetyDirection
 from .formatting import Conversation, InputError, is_hh_dialogue, pair_conversations, to_conversation
-from .options import RuntimeOptions, runtime_options
+from .options import RuntimeOptions
 from .provenance import read_record
 from .scoring import Scorer
 from .stats import (
@@ -252,7 +252,6 @@ def evaluate_direction(
     rejected_column: str = "rejected",
     group_column: str | None = None,
     runtime: RuntimeOptions | None = None,
-    **deprecated: Any,
 ) -> QualityReport:
     """Score a direction on labelled pairs at every layer it holds (or ``layers``), in one forward pass.
 
@@ -261,7 +260,7 @@ def evaluate_direction(
     model the direction records is loaded. Fit with ``layer="auto"`` (or a list) to hold a vector per
     layer; a requested layer the direction has no vector for is an error.
     """
-    runtime = runtime_options(runtime, deprecated, "evaluate_direction")
+    runtime = runtime or RuntimeOptions()
     pairs = (
         data
         if isinstance(data, LabelledPairs)

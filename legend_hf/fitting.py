@@ -24,7 +24,7 @@ from .direction import SafetyDirection, project
 from .formatting import Conversation, InputError, TextTemplate, to_conversation
 from .hidden_states import TextReader
 from .models import default_pooling, load_model, model_identity, normalize_layer, num_layers
-from .options import RuntimeOptions, runtime_options
+from .options import RuntimeOptions
 from .precision import compute_dtypes
 from .stats import pair_accuracy, roc_auc
 
@@ -206,7 +206,6 @@ def fit_direction(
     description: str | None = None,
     model_id: str | None = None,
     runtime: RuntimeOptions | None = None,
-    **deprecated: Any,
 ) -> SafetyDirection:
     """Fit a safety direction on an annotator model.
 
@@ -228,7 +227,7 @@ def fit_direction(
         model_id: the id to record for the model (e.g. the Hub id of a local copy); default: its path or id.
         runtime: how the model runs (device, dtype, max_length, batching...).
     """
-    runtime = runtime_options(runtime, deprecated, "fit_direction")
+    runtime = runtime or RuntimeOptions()
     method_name, method_fn = _method(method)
     if not 0 <= holdout < 1:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")

@@ -20,7 +20,7 @@ from torch import nn
 from .formatting import ALPACA_TEMPLATE, InputError, Message, messages_to_text
 from .models import load_model
 from .names import public_name
-from .options import RuntimeOptions, runtime_options
+from .options import RuntimeOptions
 
 GENERATION_KEY = "legend_hf_generation"
 TEMPLATES = ("auto", "chat", "alpaca", "none")
@@ -125,12 +125,7 @@ def generate_responses(
     from datasets import Dataset
     from tqdm.auto import tqdm
 
-    legacy: dict[str, Any] = {
-        k: setting_overrides.pop(k)
-        for k in ("revision", "device", "dtype", "progress")
-        if k in setting_overrides
-    }
-    runtime = runtime_options(runtime, legacy, "generate_responses")
+    runtime = runtime or RuntimeOptions()
     settings = GenerationSettings(**{**asdict(settings or GenerationSettings()), **setting_overrides})
     if isinstance(prompts, Dataset):
         dataset = prompts

@@ -207,12 +207,12 @@ def test_margin_scale_bins_keep_the_sign():
         MarginScale(bin_edges=(0.0, 1.0), levels=(0.0, 1.0))
 
 
-def test_runtime_keywords_of_older_versions_still_work_with_a_warning(llama_direction, pairs):
-    with pytest.warns(FutureWarning, match=r"runtime=RuntimeOptions\(max_tokens_per_batch=...\)"):
-        old = MarginAnnotator(llama_direction, max_tokens_per_batch=64)
-    assert old.scorer.runtime.max_tokens_per_batch == 64
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        MarginAnnotator(llama_direction, max_tokens=64)
+def test_runtime_settings_go_through_runtime_options_only(llama_direction):
+    assert MarginAnnotator(
+        llama_direction, runtime=RuntimeOptions(max_tokens_per_batch=64)
+    ).scorer.runtime == (RuntimeOptions(max_tokens_per_batch=64))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_tokens_per_batch'"):
+        MarginAnnotator(llama_direction, max_tokens_per_batch=64)  # 0.1's keyword: removed in 0.3
 
 
 def test_streaming_dataset(llama_direction, pairs):

@@ -292,9 +292,11 @@ def test_missing_files(tmp_path):
         SafetyDirection.from_pretrained(tmp_path)
 
 
-def test_artifacts_of_version_0_1_load_with_todays_score_names(saved):
+def test_score_names_of_version_0_1_are_an_error_naming_file_layer_and_names(saved):
     config = json.loads((saved / CONFIG_NAME).read_text())
     config["layer_scores"] = {"2": {"accuracy": 0.9, "auc": 0.95, "n_heldout": 4.0}}  # 0.1's names
     (saved / CONFIG_NAME).write_text(json.dumps(config))
-    loaded = SafetyDirection.from_pretrained(saved)
-    assert loaded.layer_scores == {2: {"pair_accuracy": 0.9, "response_auc": 0.95, "n_heldout": 4.0}}
+    with pytest.raises(
+        ValueError, match=r"direction_config.json: layer_scores\[2\] has unknown scores \['accuracy', 'auc'\]"
+    ):
+        SafetyDirection.from_pretrained(saved)
