@@ -337,10 +337,10 @@ class SafetyDirection:
         config.pop("sign_convention", None)
         config["layer_scores"] = {int(k): v for k, v in config.get("layer_scores", {}).items()}
         for k, scores in config["layer_scores"].items():
-            unknown = sorted(set(scores) - LAYER_SCORES)
-            if unknown:
+            names = sorted(set(scores) - LAYER_SCORES)
+            if names:
                 raise InputError(
-                    f"{config_file}: layer_scores[{k}] has unknown scores {unknown} (expected {sorted(LAYER_SCORES)}; "
+                    f"{config_file}: layer_scores[{k}] has unknown scores {names} (expected {sorted(LAYER_SCORES)}; "
                     "legend-hf 0.1 wrote accuracy/auc: load and re-save the artifact with legend-hf 0.2)"
                 )
         known = {f for f in cls.__dataclass_fields__ if f not in ("vectors", "source", "source_revision")}
