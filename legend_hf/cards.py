@@ -327,8 +327,8 @@ def dataset_card(
     group_by: str | None = None,
 ) -> DatasetCard:
     """The card of an annotated dataset: provenance, settings, margin statistics, agreement with the data's labels,
-    how to train with it. Every statement about the margins is rendered from ``record`` and ``report`` (
-    :func:`legend_hf.evaluation.annotation_report`).
+    how to train with it. Every statement about the margins is rendered from ``record`` and ``report`` (an
+    :class:`legend_hf.evaluation.AnnotationReport`'s ``to_dict()``).
 
     ``recorded=False``: the dataset carries no record and ``record`` was made from the direction (the card then
     says the scaling is not recorded); ``fit`` says what the direction was fitted on (:func:`fit_description`).

@@ -20,7 +20,7 @@ from .data_io import METRIC_PATH, is_pku_saferlhf, pku_pair
 from .direction import SafetyDirection
 from .formatting import Conversation, InputError, is_hh_dialogue, pair_conversations, to_conversation
 from .options import RuntimeOptions
-from .provenance import read_record
+from .provenance import AnnotationRecord, read_record
 from .scoring import Scorer
 from .stats import (
     PairLabels,
@@ -236,8 +236,8 @@ class QualityReport:
         return "\n".join(lines)
 
 
-def _fmt(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.3f}"
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def evaluate_direction(
@@ -390,6 +390,81 @@ def _check_references(references: Sequence[Any] | None) -> None:
 # ----- an annotated dataset against its own labels ---------------------------------------------------------
 
 
+@dataclass
+class AnnotationReport:
+    """What an annotated dataset holds, each number once (:func:`annotation_report` makes it): ``rows``, the
+    provenance ``record`` (``None``: not recorded), ``margins`` (the raw margins' ``column``, their
+    :func:`legend_hf.stats.spread`, pairs per bin and truncated pairs), which ``labels`` the statistics use and
+    the ``scores`` (:mod:`legend_hf.stats`' names, overall under ``all`` and per group)."""
+
+    rows: int
+    record: AnnotationRecord | None
+    margins: dict[str, Any]
+    labels: str
+    scores: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as ``report.json`` holds it (NaN kept: ``legend_hf.stats.clean`` makes it JSON)."""
+        return {
+            "rows": self.rows,
+            "record": None if self.record is None else self.record.to_dict(),
+            "margins": self.margins,
+            "labels": self.labels,
+            "scores": self.scores,
+        }
+
+    def to_text(self) -> str:
+        """The summary ``legend-hf annotate`` and ``legend-hf report`` print, in the statistics' own names."""
+        record, margins, overall = self.record, self.margins, self.scores["all"]
+        lines = []
+        if record is not None:
+            scaling = record.scale or "none"
+            if record.scale:
+                scaling += f" (x{record.scale_factor:.4g})"
+            if record.clip:
+                scaling += f", clip {record.clip}"
+            if record.bins and record.bin_edges is not None:
+                edges = ", ".join(f"{e:.4g}" for e in record.bin_edges)
+                scaling += f", {record.bins} bins split at {edges}, levels {record.levels}"
+            lines += [
+                f"  direction          {record.direction} (fingerprint {record.direction_fingerprint})",
+                f"  annotator          {record.model_id}, layer {record.layer}/{record.num_layers}, "
+                f"{record.pooling} pooling, template {record.template[:40]!r}, {record.method}",
+                f"  scaling            {scaling}",
+            ]
+        else:
+            lines.append(
+                "  direction          not recorded (a plain Dataset.map annotation, or a format without a schema)"
+            )
+        truncated = margins.get("truncated")
+        q = margins["quantiles"]
+        name = "raw margin" if margins["column"] == "margin_raw" else "margin"
+        lines += [
+            f"  pairs              {self.rows}" + (f" ({truncated} truncated)" if truncated else ""),
+            f"  {name:<18} mean {_fmt(overall['mean_margin'])}  std {_fmt(margins['std_margin'])}  "
+            f"median {_fmt(overall['median_margin'])}  5%..95% {_fmt(q.get('5%'))}..{_fmt(q.get('95%'))}",
+            f"  share_positive     {_fmt(overall['share_positive'])} (margin > 0: the direction finds chosen safer)",
+            f"  labels             {self.labels}",
+            f"  pair_accuracy      {_fmt(overall['pair_accuracy'])} on {int(overall['n_ordered'])} pairs with a "
+            "safer side (margin sign vs label)",
+            f"  response_auc       {_fmt(overall['response_auc'])} (safety scores, safe vs unsafe responses; "
+            f"{int(overall['n_responses'])} labelled)",
+            f"  severity_spearman  {_fmt(overall['severity_spearman'])} (margin vs severity difference)",
+            f"  length_spearman    {_fmt(overall['length_spearman'])} (margin vs length difference, characters)",
+        ]
+        groups = {k: v for k, v in self.scores.items() if k != "all"}
+        if groups:
+            lines.append(
+                "  per group          pairs  mean_margin  share_positive  pair_accuracy  response_auc"
+            )
+            for group, s in groups.items():
+                lines.append(
+                    f"    {group:<24} {int(s['n_pairs']):>5}  {_fmt(s['mean_margin']):>11}  "
+                    f"{_fmt(s['share_positive']):>14}  {_fmt(s['pair_accuracy']):>13}  {_fmt(s['response_auc']):>12}"
+                )
+        return "\n".join(lines)
+
+
 def annotation_report(
     dataset: Any,
     *,
@@ -398,11 +473,11 @@ def annotation_report(
     rejected_column: str = "rejected",
     group_column: str | None = None,
     card: str | Path | None = None,
-) -> dict[str, Any]:
-    """What an annotated dataset holds, each number once: its provenance record (from the data, else the card
-    ``card``), the spread of its raw margins, pairs per bin and truncated pairs (``margins``), and the statistics
-    of :mod:`legend_hf.stats` against the labels the data carries (``scores``, overall under ``all`` and per
-    group: ``mean_margin``, ``median_margin``, ``share_positive``, ``pair_accuracy``...).
+) -> AnnotationReport:
+    """What an annotated dataset holds, each number once (an :class:`AnnotationReport`): its provenance record
+    (from the data, else the card ``card``), the spread of its raw margins, pairs per bin and truncated pairs
+    (``margins``), and the statistics of :mod:`legend_hf.stats` against the labels the data carries (``scores``,
+    overall under ``all`` and per group: ``mean_margin``, ``median_margin``, ``share_positive``...).
 
     Without ``chosen_safety``/``rejected_safety`` columns the per-response statistics are NaN.
     """
@@ -430,13 +505,13 @@ def annotation_report(
         for statistics in scores.values():
             statistics["response_auc"] = float("nan")
     has_labels = any(c in columns for c in LABEL_COLUMNS) or is_pku_saferlhf(columns)
-    return {
-        "rows": len(dataset),
-        "record": None if record is None else record.to_dict(),
-        "margins": overview,
-        "labels": "dataset labels" if has_labels else "none (chosen counts as safer)",
-        "scores": scores,
-    }
+    return AnnotationReport(
+        rows=len(dataset),
+        record=record,
+        margins=overview,
+        labels="dataset labels" if has_labels else "none (chosen counts as safer)",
+        scores=scores,
+    )
 
 
 # ----- the evaluate metric ---------------------------------------------------------------------------------

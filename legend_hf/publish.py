@@ -7,6 +7,7 @@ from the dataset (its record, its report, its raw margins) and :mod:`legend_hf.h
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -14,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from .cards import dataset_card as render_dataset_card
 from .cards import fit_description
+from .data_io import write_dataset
 from .direction import SafetyDirection
-from .evaluation import annotation_report
+from .evaluation import AnnotationReport, annotation_report
+from .names import public_name
 from .plots import HISTOGRAM_NAME, has_matplotlib, margin_histogram
 from .provenance import AnnotationRecord, read_record
-from .stats import margin_values
+from .stats import clean, margin_values
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, DatasetCard
@@ -48,7 +51,7 @@ def dataset_card(
     histogram: str | None = None,
     group_by: str | None = None,
     record: AnnotationRecord | None = None,
-    report: dict[str, Any] | None = None,
+    report: AnnotationReport | None = None,
 ) -> DatasetCard:
     """The card of an annotated dataset (:func:`legend_hf.cards.dataset_card` rendered for ``dataset``).
 
@@ -81,7 +84,7 @@ def dataset_card(
     report = report or annotation_report(dataset, group_column=group_by)
     return render_dataset_card(
         record if record is not None else direction.record(),  # type: ignore[union-attr]
-        report,
+        report.to_dict(),
         n_rows=len(dataset),
         columns=dataset.column_names,
         recorded=record is not None,
@@ -95,6 +98,47 @@ def dataset_card(
         histogram=histogram,
         group_by=group_by,
     )
+
+
+def save_annotated(
+    dataset: Any,
+    folder: str | os.PathLike[str],
+    direction: SafetyDirection | None = None,
+    *,
+    split: str = "train",
+    format: str = "parquet",
+    source_dataset: str | None = None,
+    source_revision: str | None = None,
+    license: str | None = None,
+    repo_id: str | None = None,
+    report: AnnotationReport | None = None,
+) -> list[Path]:
+    """Write an annotated dataset to ``folder`` as ``legend-hf annotate`` does: ``<split>.<format>`` (``parquet``
+    or ``jsonl``), its card (README.md) and margin histogram (with matplotlib) and ``report.json`` (``report``:
+    its :func:`legend_hf.annotation_report`, default computed with the default column names). The local
+    counterpart of :func:`push_annotated_dataset`; returns the paths written."""
+    folder = Path(folder)
+    report = report or annotation_report(dataset)
+    written = [write_dataset(dataset, folder / f"{split}.{format}")]
+    histogram = (
+        dataset_histogram(dataset, folder / HISTOGRAM_NAME) if has_matplotlib() and len(dataset) else None
+    )
+    card = dataset_card(
+        dataset,
+        direction,
+        source_dataset=public_name(source_dataset),
+        source_revision=source_revision,
+        license=license,
+        histogram=histogram.name if histogram else None,
+        repo_id=repo_id,
+        report=report,
+    )
+    card.save(folder / "README.md")
+    written.append(folder / "README.md")
+    written += [histogram] if histogram else []
+    summary = {"dataset": public_name(source_dataset), **report.to_dict()}
+    (folder / "report.json").write_text(json.dumps(clean(summary), indent=2) + "\n")
+    return [*written, folder / "report.json"]
 
 
 def push_annotated_dataset(
@@ -112,7 +156,7 @@ def push_annotated_dataset(
     pretty_name: str | None = None,
     language: str | list[str] | None = None,
     group_by: str | None = None,
-    report: dict[str, Any] | None = None,
+    report: AnnotationReport | None = None,
     commit_message: str = "Add the legend-hf dataset card and margin histogram",
     **push_kwargs: Any,
 ) -> CommitInfo:

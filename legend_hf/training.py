@@ -33,9 +33,12 @@ pair, so a TRL release that moves it fails loudly instead of training without ma
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -45,12 +48,16 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
+from .annotate import check_columns, scale_margins
+from .cards import trained_model_card
 from .evaluation import LabelledPairs
 from .formatting import Conversation, TextTemplate, pair_conversations
 from .hidden_states import tokenize
 from .models import DEFAULT_MODEL_ID, resolve_model
+from .names import public_name
 from .options import quiet_progress_bars
-from .stats import pair_accuracy
+from .provenance import AnnotationRecord, read_record
+from .stats import clean, pair_accuracy
 
 MARGIN_COLUMN = "margin"
 
@@ -482,3 +489,175 @@ def dpo_accuracy(
         for side in (safer, other)
     ]
     return _accuracy(*scores)
+
+
+# ----- the whole pipeline: what `legend-hf train` runs -------------------------------------------------------
+
+
+def shuffled_margins(dataset: Dataset, seed: int) -> Dataset:
+    """The control: ``margin`` permuted over the pairs (same values, no information about each pair)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    margins = dataset[MARGIN_COLUMN]
+    return dataset.remove_columns(MARGIN_COLUMN).add_column(MARGIN_COLUMN, [margins[i] for i in order])
+
+
+def trainer_config(
+    trainer: Literal["dpo", "reward"],
+    output_dir: str | os.PathLike[str],
+    *,
+    max_length: int = 256,
+    learning_rate: float | None = None,
+    **overrides: Any,
+) -> RewardConfig | MarginDPOConfig:
+    """TRL's config with legend-hf's defaults: no checkpoints (``save_strategy="no"``), ``bf16=False`` (TRL turns
+    it on; most CPUs lack it and it makes CPU rewards coarse), no activation checkpointing, memory pinning only
+    with a GPU, ``report_to="none"``, a log every 10 steps, learning rate 5e-6 (dpo) or 5e-5 (reward); for DPO
+    texts cut to ``max_length`` from the start (``truncation_mode="keep_end"``: the response end stays).
+    ``overrides`` set any other field (``seed``, ``num_train_epochs``, ``beta``, ``margin_mode``...)."""
+    from trl import RewardConfig
+
+    common: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        learning_rate=learning_rate or (5e-6 if trainer == "dpo" else 5e-5),
+        bf16=False,
+        activation_checkpointing=False,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+    )
+    if trainer == "reward":
+        return RewardConfig(**{**common, "max_length": None, **overrides})  # pairs are cut by reward_pairs
+    return MarginDPOConfig(**{**common, "max_length": max_length, "truncation_mode": "keep_end", **overrides})
+
+
+@dataclass
+class TrainedModel:
+    """What :func:`train_with_margins` trained: the model and tokenizer, the ``settings`` and ``metrics``
+    (``held_out_accuracy``, ``n_held_out``, ``train_seconds``), the margins' provenance ``record`` and ``notes``
+    on what was done to the margins."""
+
+    model: Any
+    tokenizer: Any
+    settings: dict[str, Any]
+    metrics: dict[str, Any]
+    record: AnnotationRecord | None
+    notes: list[str] = field(default_factory=list)
+
+    def card(self) -> Any:
+        """The model card (a ``ModelCard``): base model, trainer, which margins, held-out accuracy."""
+        return trained_model_card(self.settings, self.metrics, self.record, self.settings["margins"])
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Write the model, its tokenizer, README.md (:meth:`card`) and ``metrics.json`` to ``folder``."""
+        path = Path(folder)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.card().save(path / "README.md")
+        data = {
+            "settings": self.settings,
+            "metrics": self.metrics,
+            "record": self.record and self.record.to_dict(),
+        }
+        (path / "metrics.json").write_text(json.dumps(clean(data), indent=2) + "\n")
+        return path
+
+
+def train_with_margins(
+    dataset: Dataset,
+    model: str = DEFAULT_MODEL_ID,
+    *,
+    trainer: Literal["dpo", "reward"] = "dpo",
+    margins: Literal["use", "none", "shuffled"] = "use",
+    scaling: Mapping[str, Any] | None = None,
+    test_fraction: float = 0.2,
+    columns: Columns = ("prompt", "chosen", "rejected"),
+    max_length: int = 256,
+    seed: int = 0,
+    card: str | Path | None = None,
+    dataset_name: str | None = None,
+    output_dir: str | os.PathLike[str] = "legend-hf-output/trained",
+    **config: Any,
+) -> TrainedModel:
+    """Train on annotated pairs with their margins (``margins="use"``), without (``"none"``, the plain loss) or
+    with the margins permuted over the pairs (``"shuffled"``, a control), and score the held-out pairs.
+
+    ``scaling`` (keywords of :func:`legend_hf.scale_margins`) rescales the margins first; without it, raw margins
+    (a record that says they were never scaled) are standardised, since projection differences are not logit
+    units. ``test_fraction`` of the pairs (split seed 0) are held out for ``held_out_accuracy``; ``card`` is the
+    dataset card to read the record from when the data lost it (JSON Lines); ``config`` sets TRL's config
+    (:func:`trainer_config`: ``num_train_epochs``, ``per_device_train_batch_size``, ``beta``, ``margin_mode``...).
+    The model is not saved: :meth:`TrainedModel.save`.
+    """
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    check_columns(dataset.column_names, columns, new_columns=())
+    record = read_record(dataset, card)
+    notes = []
+    if margins != "none":
+        if MARGIN_COLUMN not in dataset.column_names:
+            name = public_name(dataset_name) or "the dataset"
+            raise KeyError(
+                f"{name} has no 'margin' column: annotate it first (legend-hf annotate --dataset {dataset_name}, "
+                "or legend_hf.annotate_margins), or train without margins (--margins none, margins='none')"
+            )
+        if scaling or (record is not None and not record.scaled):
+            if not scaling:
+                scaling = {"scale": "standardize"}
+                notes.append("raw margins standardised (--scale standardize --target_std 1)")
+            dataset = scale_margins(dataset, **scaling)
+            record = read_record(dataset)
+    split = dataset.train_test_split(test_size=test_fraction, seed=0) if test_fraction else None
+    train, test = (split["train"], split["test"]) if split else (dataset, None)
+    if margins == "shuffled":
+        train = shuffled_margins(train, seed)
+    args = trainer_config(trainer, output_dir, max_length=max_length, seed=seed, **config)
+    settings: dict[str, Any] = {
+        "trainer": trainer,
+        "model": model,
+        "margins": margins,
+        "margin_mode": getattr(args, "margin_mode", None),
+        "margin_scale": getattr(args, "margin_scale", None),
+        "beta": getattr(args, "beta", None),
+        "max_length": max_length,
+        "num_train_epochs": args.num_train_epochs,
+        "max_steps": args.max_steps,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "bf16": args.bf16,
+        "seed": seed,
+        "learning_rate": args.learning_rate,
+        "dataset": public_name(dataset_name),
+        "n_train": len(train),
+        "n_test": 0 if test is None else len(test),
+    }
+    pairs = (
+        None
+        if test is None
+        else LabelledPairs.from_data(
+            test, prompt_column=columns[0], chosen_column=columns[1], rejected_column=columns[2]
+        )
+    )
+    start = time.perf_counter()
+    use = margins != "none"
+    accuracy = None
+    trained: Any
+    if isinstance(args, MarginDPOConfig):
+        dpo = train_dpo(train, model, args=args, use_margins=use, columns=columns)
+        trained, tokenizer = dpo.model, dpo.processing_class
+        reference: Any = dpo.ref_model
+        if pairs is not None:
+            with torch.no_grad():
+                accuracy = dpo_accuracy(trained, reference, tokenizer, pairs, max_length=max_length)
+    else:
+        reward = train_reward_model(
+            train, model, args=args, use_margins=use, max_length=max_length, columns=columns
+        )
+        trained, tokenizer = reward.model, reward.processing_class
+        if pairs is not None:
+            accuracy = reward_accuracy(trained, tokenizer, pairs, max_length=max_length)
+    metrics = {
+        "held_out_accuracy": accuracy,
+        "n_held_out": None if pairs is None else sum(s is not None for s in pairs.labels.chosen_is_safer),
+        "train_seconds": time.perf_counter() - start,
+    }
+    return TrainedModel(trained, tokenizer, settings, metrics, record, notes)

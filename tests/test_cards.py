@@ -24,6 +24,7 @@ from legend_hf import (
 )
 from legend_hf import cards as cards_module
 from legend_hf.cards import LEGEND_BIBTEX, TEMPLATES, size_category, write_direction_card
+from legend_hf.stats import clean
 
 pytest_plugins = ["hub_server"]
 REPO = Path(__file__).resolve().parents[1]
@@ -159,14 +160,14 @@ def test_dataset_card_says_only_what_its_record_and_statistics_say(annotated):
     assert "`smv-smollm2`, shipped with legend-hf" in text and "`smv-smollm2` (local)" not in text
     assert "close to noise" not in text and "terse refusal" not in text
     report = annotation_report(annotated, group_column="kind")
-    for name, scores in report["scores"].items():
+    for name, scores in report.scores.items():
         row = (
             f"| {name} | {int(scores['n_pairs'])} | {scores['mean_margin']:.3f} | {scores['share_positive']:.3f} | "
             f"{scores['pair_accuracy']:.3f} ({int(scores['n_ordered'])}) |".replace("-", "−")
         )
         assert row in text, row
-    assert f"with Spearman {report['scores']['all']['length_spearman']:.3f}".replace("-", "−") in text
-    assert f"The {100 * report['margins']['share_negative']:.1f}% of pairs" in text
+    assert f"with Spearman {report.scores['all']['length_spearman']:.3f}".replace("-", "−") in text
+    assert f"The {100 * report.margins['share_negative']:.1f}% of pairs" in text
     local = replace(record, direction="./smv-smollm2")
     assert "`./smv-smollm2`, a local folder" in str(dataset_card(annotated, record=local))
     hub = replace(record, direction="me/smv")
@@ -259,3 +260,32 @@ def test_push_annotated_dataset_to_a_new_branch_and_as_a_pull_request(annotated,
     assert len(load_dataset("user/pku-legend", split="train")) == len(annotated)  # main is untouched
     unchanged = push_annotated_dataset(smaller, "user/pku-legend", direction, create_pr=True, license="mit")
     assert unchanged.pr_revision == "refs/pr/2"  # same data: the card commit opens the pull request
+
+
+def test_save_annotated_writes_data_card_histogram_and_report(annotated, direction, tmp_path):
+    import json
+
+    from legend_hf import annotation_report
+    from legend_hf.publish import save_annotated
+
+    written = save_annotated(annotated, tmp_path, direction, source_dataset="/somewhere/pairs.jsonl")
+    assert [p.name for p in written] == ["train.parquet", "README.md", "margin_histogram.png", "report.json"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["dataset"] == "pairs.jsonl" and report["rows"] == len(annotated)  # no absolute path
+    assert report == json.loads(
+        json.dumps(clean({"dataset": "pairs.jsonl", **annotation_report(annotated).to_dict()}))
+    )
+    back = load_dataset("parquet", data_files=str(tmp_path / "train.parquet"), split="train")
+    assert read_record(back) == read_record(annotated)
+    assert "![Histogram of the safety margins](margin_histogram.png)" in (tmp_path / "README.md").read_text()
+
+
+def test_report_text_names_the_statistics(annotated):
+    from legend_hf import annotation_report
+
+    report = annotation_report(annotated, group_column="kind")
+    text = report.to_text()
+    overall = report.scores["all"]
+    assert f"share_positive     {overall['share_positive']:.3f}" in text
+    assert f"pair_accuracy      {overall['pair_accuracy']:.3f}" in text and "per group" in text
+    assert f"raw margin         mean {overall['mean_margin']:.3f}" in text

@@ -99,14 +99,14 @@ def test_help_shows_yes_no_options_and_their_no_switches(capsys: pytest.CaptureF
     assert "a model repo for fit and train" in train
 
 
-def test_train_takes_the_trainingarguments_names_and_the_old_batch_size() -> None:
+def test_train_takes_the_trainingarguments_names() -> None:
     from legend_hf.cli.arguments import TrainArguments
 
     argv = ["train", "--per_device_train_batch_size", "2", "--bf16", "--report_to", "tensorboard"]
     args = next(a for a in cli.parse(argv)[1] if isinstance(a, TrainArguments))
     assert (args.per_device_train_batch_size, args.bf16, args.report_to) == (2, True, "tensorboard")
-    args = next(a for a in cli.parse(["train", "--batch_size", "3"])[1] if isinstance(a, TrainArguments))
-    assert (args.per_device_train_batch_size, args.bf16, args.report_to) == (3, False, "none")
+    args = next(a for a in cli.parse(["train"])[1] if isinstance(a, TrainArguments))
+    assert (args.per_device_train_batch_size, args.bf16, args.report_to) == (4, False, "none")
 
 
 def test_the_runtime_options_are_the_python_ones(capsys: pytest.CaptureFixture[str]) -> None:

@@ -416,18 +416,17 @@ def test_annotation_report_uses_the_same_statistics(tiny_llama):
         Dataset.from_list(PREFERENCES), direction, model=model, tokenizer=tokenizer, bins=2
     )
     report = annotation_report(annotated)
-    assert (
-        report["record"]["direction_fingerprint"] == direction.fingerprint() and report["record"]["bins"] == 2
-    )
-    assert report["margins"]["column"] == "margin_raw" and sum(report["margins"]["bins"].values()) == 4
+    assert report.record is not None
+    assert report.record.direction_fingerprint == direction.fingerprint() and report.record.bins == 2
+    assert report.margins["column"] == "margin_raw" and sum(report.margins["bins"].values()) == 4
     pairs = LabelledPairs.from_data(PREFERENCES)
     scores = Scorer(direction, model, tokenizer).score_pairs(pairs.chosen, pairs.rejected)
     expected = pair_statistics(scores.chosen.tolist(), scores.rejected.tolist(), pairs.labels)
-    assert report["scores"]["all"] == pytest.approx(expected, nan_ok=True)
-    assert set(report["scores"]) == {"all", "benign", "refusal_vs_compliance", "unsafe_vs_unsafe"}
+    assert report.scores["all"] == pytest.approx(expected, nan_ok=True)
+    assert set(report.scores) == {"all", "benign", "refusal_vs_compliance", "unsafe_vs_unsafe"}
     # Each number once: the margins' spread beside the statistics, none of them twice.
-    assert not set(report["margins"]) & set(report["scores"]["all"])
-    assert "50%" not in report["margins"]["quantiles"] and set(report["margins"]) <= {
+    assert not set(report.margins) & set(report.scores["all"])
+    assert "50%" not in report.margins["quantiles"] and set(report.margins) <= {
         "column",
         "bins",
         "truncated",

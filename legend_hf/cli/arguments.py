@@ -394,7 +394,7 @@ class TrainArguments:
     )
     per_device_train_batch_size: int = field(
         default=4,
-        metadata=_help("pairs per step and device (--batch_size also works)", aliases=["--batch_size"]),
+        metadata=_help("pairs per step and device"),
     )
     bf16: bool = field(
         default=False,

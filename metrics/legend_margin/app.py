@@ -82,10 +82,10 @@ def score(name: str, dataset: Dataset) -> Outputs:
     shown = [c for c in (*BASE_COLUMNS, *TEXT_COLUMNS) if c in annotated.column_names]
     return (
         annotated.select_columns(shown).to_pandas().style.format(precision=4),
-        statistics(report["scores"]["all"], labelled=any(c in dataset.column_names for c in LABEL_COLUMNS)),
+        statistics(report.scores["all"], labelled=any(c in dataset.column_names for c in LABEL_COLUMNS)),
         str(dataset_histogram(annotated, folder / "margin_histogram.png")),
         str(write_dataset(annotated, folder / "legend_margins.parquet")),
-        report["record"],
+        report.to_dict()["record"],
     )
 
 
