@@ -154,33 +154,26 @@ def direction_card(
     )
 
 
-def write_direction_card(
-    config: Mapping[str, Any],
-    folder: str | os.PathLike[str],
-    *,
-    fingerprint: str,
-    repo_id: str | None = None,
-) -> Path:
-    """Write README.md into an artifact folder and, when matplotlib is installed and several layers were scored,
-    the per-layer plot it shows (``layer_scores.png``). Returns the README path."""
-    folder = Path(folder)
-    plot_path = folder / LAYER_PLOT_NAME
-    plot = None
-    scores = {int(k): v for k, v in config.get("layer_scores", {}).items()}
-    if len(scores) > 1 and has_matplotlib():
-        plot_layer_scores(
-            scores,
-            plot_path,
-            layer=config["layer"],
-            metrics={"response_auc": "held-out response_auc", "pair_accuracy": "held-out pair_accuracy"},
-            title="Held-out separation of safe and harmful responses",
-        )
-        plot = LAYER_PLOT_NAME
-    else:
-        plot_path.unlink(missing_ok=True)  # a plot left by an earlier save would not match this card
-    readme = folder / "README.md"
-    direction_card(config, fingerprint=fingerprint, plot=plot, repo_id=repo_id).save(readme)
-    return readme
+def layer_plot(config: Mapping[str, Any]) -> str | None:
+    """The per-layer plot a direction's card shows (``layer_scores.png``): with several scored layers and
+    matplotlib installed, else none."""
+    return LAYER_PLOT_NAME if len(config.get("layer_scores", {})) > 1 and has_matplotlib() else None
+
+
+def write_layer_plot(config: Mapping[str, Any], folder: str | os.PathLike[str]) -> Path | None:
+    """Write the :func:`layer_plot` of a direction's config into its artifact folder (and remove one an earlier
+    save left, when there is none to show)."""
+    path = Path(folder) / LAYER_PLOT_NAME
+    if layer_plot(config) is None:
+        path.unlink(missing_ok=True)  # a plot left by an earlier save would not match this card
+        return None
+    return plot_layer_scores(
+        {int(k): v for k, v in config["layer_scores"].items()},
+        path,
+        layer=config["layer"],
+        metrics={"response_auc": "held-out response_auc", "pair_accuracy": "held-out pair_accuracy"},
+        title="Held-out separation of safe and harmful responses",
+    )
 
 
 # ----- the annotated dataset's card -------------------------------------------------------------------

@@ -23,7 +23,7 @@ from legend_hf import (
     read_record,
 )
 from legend_hf import cards as cards_module
-from legend_hf.cards import LEGEND_BIBTEX, TEMPLATES, size_category, write_direction_card
+from legend_hf.cards import LEGEND_BIBTEX, TEMPLATES, size_category
 from legend_hf.stats import clean
 
 pytest_plugins = ["hub_server"]
@@ -71,19 +71,20 @@ def test_direction_card_parses_back(direction):
 
 
 def test_write_direction_card_with_and_without_plot(direction, tmp_path, monkeypatch):
-    readme = write_direction_card(direction.config_dict(), tmp_path, fingerprint=direction.fingerprint())
+    direction.save_pretrained(tmp_path)
+    readme = tmp_path / "README.md"
     assert (tmp_path / "layer_scores.png").read_bytes().startswith(PNG)
     assert "![Held-out separation per layer](layer_scores.png)" in readme.read_text()
 
     monkeypatch.setattr(cards_module, "has_matplotlib", lambda: False)
-    write_direction_card(direction.config_dict(), tmp_path, fingerprint=direction.fingerprint())
+    direction.save_pretrained(tmp_path)
     assert not (tmp_path / "layer_scores.png").exists()  # no stale plot next to a card that does not show it
     assert "layer_scores.png" not in readme.read_text()
 
 
 def test_single_layer_direction_card_has_no_plot(tiny_bert_path, tmp_path):
     direction = fit_direction(str(tiny_bert_path), HARMFUL[:3])  # too few pairs to score layers
-    write_direction_card(direction.config_dict(), tmp_path, fingerprint=direction.fingerprint())
+    direction.save_pretrained(tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert "No held-out scores were recorded" in text
     assert not (tmp_path / "layer_scores.png").exists()

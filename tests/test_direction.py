@@ -300,3 +300,20 @@ def test_score_names_of_version_0_1_are_an_error_naming_file_layer_and_names(sav
         ValueError, match=r"direction_config.json: layer_scores\[2\] has unknown scores \['accuracy', 'auc'\]"
     ):
         SafetyDirection.from_pretrained(saved)
+
+
+def test_the_artifact_saves_through_huggingface_hubs_mixin(tmp_path):
+    from huggingface_hub import ModelCard, ModelHubMixin
+
+    direction = make_direction()
+    assert isinstance(direction, ModelHubMixin)
+    assert direction.save_pretrained(tmp_path) == tmp_path
+    # The mixin's hooks write the files and the card; no config.json beside direction_config.json.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["README.md", CONFIG_NAME, "direction.safetensors"]
+    )
+    assert ModelCard.load(tmp_path / "README.md").text == direction.generate_model_card().text
+    (tmp_path / "README.md").write_text("stale")
+    direction.save_pretrained(tmp_path, model_card_kwargs={"repo_id": "me/smv"})  # a re-save renews the card
+    assert 'SafetyDirection.from_pretrained("me/smv")' in (tmp_path / "README.md").read_text()
+    assert SafetyDirection.from_pretrained(tmp_path).fingerprint() == direction.fingerprint()
