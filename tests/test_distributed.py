@@ -405,3 +405,15 @@ def test_ray_missing_is_a_clear_error(dataset, direction, tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"legend-hf\[ray\]"):
         annotate_with_ray(dataset, direction, output=tmp_path)
+
+
+def test_a_run_is_described_in_the_provenance_records_schema(dataset, direction, tmp_path):
+    out = tmp_path / "shards"
+    annotate_shards(dataset, direction, out, shard_size=24, batch_size=8)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    merged = load_annotated(out)
+    assert manifest["legend_hf"] == read_record(merged).to_dict()  # one settings schema: the record
+    assert manifest["columns"] == ["prompt", "chosen", "rejected"] and "config" not in manifest
+    metadata = pq.read_metadata(shard_path(out, 0)).metadata
+    shard = json.loads(metadata[b"legend_hf_shard"])  # a shard's rows, not under the record's key
+    assert (shard["start"], shard["stop"]) == (0, 24) and b"legend_hf" not in metadata

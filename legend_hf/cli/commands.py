@@ -105,7 +105,8 @@ def _write_histogram(dataset: Any, folder: Path) -> Path | None:
 
 
 def run_generate(args: GenerateArguments, data: InputArguments, runtime: RuntimeOptions) -> int:
-    from ..generate import GENERATION_KEY, GenerationSettings, generate_responses
+    from ..generate import GenerationSettings, generate_responses
+    from ..provenance import read_generation_record
 
     output = Path(args.output)
     if output.suffix not in (".jsonl", ".json", ".parquet"):
@@ -143,17 +144,19 @@ def run_generate(args: GenerateArguments, data: InputArguments, runtime: Runtime
         batch_size=args.batch_size,
         runtime=runtime,
         settings=settings,
+        source_dataset=str(source),
     )
-    record = json.loads(generated.info.description)[GENERATION_KEY]
-    record.update(source_dataset=public_name(source))
+    record = read_generation_record(generated, args.response_column)
+    assert record is not None  # generate_responses writes it
     with quiet_progress_bars():
         write_dataset(generated, output)
+    # The record travels in the data's schema (Parquet); beside it too, for JSON Lines, which has none.
     settings_path = output.with_name(output.stem + ".settings.json")
-    settings_path.write_text(json.dumps(record, indent=2) + "\n")
+    settings_path.write_text(json.dumps(record.to_dict(), indent=2) + "\n")
     n_cut = sum(generated["response_truncated"])
     print(
-        f"legend-hf generate: {len(generated)} responses from {record['model_id']} "
-        f"({'sampled' if args.do_sample else 'greedy'}, template {record['template']}, "
+        f"legend-hf generate: {len(generated)} responses from {record.model_id} "
+        f"({'sampled' if args.do_sample else 'greedy'}, template {record.template}, "
         f"{n_cut} stopped at --max_new_tokens={args.max_new_tokens}) in {time.perf_counter() - start:.0f} s\n"
         f"  outputs: {output}, {settings_path}\n"
         f"  next:    legend-hf fit --dataset {output} --response_column {args.response_column}"
