@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from legend_hf.evaluation import LabelledPairs
+    from legend_hf.labels import LabelledPairs
     from legend_hf.models import DEFAULT_MODEL_ID, resolve_model
 
     hf_logging.set_verbosity_error()

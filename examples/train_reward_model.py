@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from legend_hf import SafetyDirection, read_record
-    from legend_hf.evaluation import LabelledPairs
+    from legend_hf.labels import LabelledPairs
     from legend_hf.training import reward_accuracy
 
     hf_logging.set_verbosity_error()

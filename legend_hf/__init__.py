@@ -32,11 +32,11 @@ _EXPORTS = {
     "AnnotationRecord": "provenance",
     "read_record": "provenance",
     "STATISTICS": "stats",
-    "LabelledPairs": "evaluation",
+    "LabelledPairs": "labels",
     "QualityReport": "evaluation",
     "evaluate_direction": "evaluation",
-    "annotation_report": "evaluation",
-    "load_metric": "evaluation",
+    "annotation_report": "report",
+    "load_metric": "metric",
     # data, cards and the Hub
     "DEFAULT_DIRECTION": "data_io",
     "METRIC_PATH": "data_io",
@@ -88,15 +88,18 @@ if TYPE_CHECKING:
     from .annotate import MarginAnnotator, annotate_margins, scale_margins
     from .data_io import DEFAULT_DIRECTION, METRIC_PATH, load_data, pku_saferlhf_to_pairs
     from .direction import DirectionModelWarning, SafetyDirection
-    from .evaluation import LabelledPairs, QualityReport, annotation_report, evaluate_direction, load_metric
+    from .evaluation import QualityReport, evaluate_direction
     from .fitting import fit_direction
     from .formatting import TextTemplate
     from .generate import generate_responses
+    from .labels import LabelledPairs
+    from .metric import load_metric
     from .options import RuntimeOptions
     from .plots import margin_histogram, plot_layer_scores
     from .provenance import AnnotationRecord, MarginScale, read_record
     from .publish import dataset_card, dataset_histogram, push_annotated_dataset
     from .recipes import fit_balanced, remove_length
+    from .report import annotation_report
     from .scoring import Scorer
     from .stats import STATISTICS
 

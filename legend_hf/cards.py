@@ -321,7 +321,7 @@ def dataset_card(
 ) -> DatasetCard:
     """The card of an annotated dataset: provenance, settings, margin statistics, agreement with the data's labels,
     how to train with it. Every statement about the margins is rendered from ``record`` and ``report`` (an
-    :class:`legend_hf.evaluation.AnnotationReport`'s ``to_dict()``).
+    :class:`legend_hf.report.AnnotationReport`'s ``to_dict()``).
 
     ``recorded=False``: the dataset carries no record and ``record`` was made from the direction (the card then
     says the scaling is not recorded); ``fit`` says what the direction was fitted on (:func:`fit_description`).

@@ -17,10 +17,10 @@ from .cards import dataset_card as render_dataset_card
 from .cards import fit_description
 from .data_io import write_dataset
 from .direction import SafetyDirection
-from .evaluation import AnnotationReport, annotation_report
 from .names import public_name
 from .plots import HISTOGRAM_NAME, has_matplotlib, margin_histogram
 from .provenance import AnnotationRecord, read_record
+from .report import AnnotationReport, annotation_report
 from .stats import clean, margin_values
 
 if TYPE_CHECKING:

@@ -229,6 +229,11 @@ def dataset_overview(dataset: Any, *, bins: int | None = None) -> dict[str, Any]
     return out
 
 
+def cell(value: float | None) -> str:
+    """A statistic as reports print it: three decimals, ``-`` where it is undefined (NaN or ``None``)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
 def clean(value: object) -> object:
     """JSON-ready: NaN becomes None, recursively (dict keys become strings)."""
     if isinstance(value, float) and math.isnan(value):

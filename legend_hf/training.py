@@ -50,9 +50,9 @@ from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
 from .annotate import check_columns, scale_margins
 from .cards import trained_model_card
-from .evaluation import LabelledPairs
 from .formatting import Conversation, TextTemplate, pair_conversations
 from .hidden_states import tokenize
+from .labels import LabelledPairs
 from .models import DEFAULT_MODEL_ID, resolve_model
 from .names import public_name
 from .options import quiet_progress_bars

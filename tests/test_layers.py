@@ -15,7 +15,7 @@ FLOORS: list[tuple[str, ...]] = [
     # 2: shipped data, rendering from plain data, models, the direction artifact
     ("data_io", "plots", "cards", "models", "hidden_states", "direction"),
     # 3: the scoring path and its consumers
-    ("scoring", "fitting", "recipes", "annotate", "evaluation", "generate"),
+    ("labels", "scoring", "fitting", "recipes", "annotate", "evaluation", "report", "metric", "generate"),
     # 4: publishing and scaling out
     ("publish", "distributed", "ray_engine"),
     # 5: TRL on top of annotated data

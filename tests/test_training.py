@@ -328,7 +328,7 @@ def _response_logprob(model: Any, tokenizer: Any, prompt: str, response: str) ->
 def test_dpo_accuracy_counts_the_safer_side(tiny_models: tuple[Path, Path]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from legend_hf.evaluation import LabelledPairs
+    from legend_hf.labels import LabelledPairs
     from legend_hf.training import dpo_accuracy
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[0])

@@ -274,8 +274,8 @@ def run_annotate(
 ) -> int:
     from ..annotate import annotate_margins, check_columns, scale_margins
     from ..direction import SafetyDirection
-    from ..evaluation import annotation_report
     from ..publish import push_annotated_dataset, save_annotated
+    from ..report import annotation_report
 
     # Every option first: nothing below loads a model until all of them are known to be usable.
     scaling = _scaling(scale)
@@ -401,7 +401,7 @@ def _annotate_with_engine(
 
 
 def run_report(args: ReportArguments, data: InputArguments) -> int:
-    from ..evaluation import annotation_report
+    from ..report import annotation_report
 
     source = _annotated_input(args.dataset)
     dataset = _load_input(source, data)

@@ -23,7 +23,7 @@ import evaluate
 
 from legend_hf.cards import LEGEND_BIBTEX
 from legend_hf.direction import SafetyDirection
-from legend_hf.evaluation import score_pair_texts, score_response_texts
+from legend_hf.metric import score_pair_texts, score_response_texts
 from legend_hf.scoring import Scorer
 
 _DESCRIPTION = """\
