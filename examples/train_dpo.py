@@ -96,7 +96,8 @@ def run(
 ) -> dict[str, Any]:
     import tempfile
 
-    from legend_hf.training import MarginDPOConfig, dpo_accuracy, shuffled_margins, train_dpo, trainer_config
+    from legend_hf.dpo import MarginDPOConfig
+    from legend_hf.training import dpo_accuracy, shuffled_margins, train_dpo, trainer_config
 
     data = shuffled_margins(train, seed) if condition == "shuffled" else train
     with tempfile.TemporaryDirectory() as tmp:

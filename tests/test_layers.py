@@ -19,7 +19,7 @@ FLOORS: list[tuple[str, ...]] = [
     # 4: publishing and scaling out
     ("publish", "distributed", "ray_engine"),
     # 5: TRL on top of annotated data
-    ("training",),
+    ("dpo", "training"),
     # 6: the command line (argument parsing and printing)
     ("cli.arguments", "cli.commands", "cli", "cli.__main__"),
 ]

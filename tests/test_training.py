@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from legend_hf.training import MarginDPOConfig, MarginDPOTrainer
+from legend_hf.dpo import MarginDPOConfig, MarginDPOTrainer
 
 MARGINS = [1.5, -0.5, 0.0, 2.0, -1.0, 0.25, 3.0, -2.0]
 ROWS = [

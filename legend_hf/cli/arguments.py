@@ -355,7 +355,7 @@ class TrainArguments:
     trainer: Literal["dpo", "reward"] = field(
         default="dpo",
         metadata=_help(
-            "dpo: margin-aware DPO (legend_hf.training.MarginDPOTrainer) on a causal LM; reward: TRL's "
+            "dpo: margin-aware DPO (legend_hf.dpo.MarginDPOTrainer) on a causal LM; reward: TRL's "
             "RewardTrainer, whose loss reads the margin column"
         ),
     )
