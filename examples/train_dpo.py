@@ -64,7 +64,8 @@ class Arguments:
 def load_pairs(args: Arguments) -> tuple[Any, Any]:
     from datasets import load_dataset
 
-    from legend_hf import data_io, load_data
+    from legend_hf import data_io
+    from legend_hf.data_io import load_data
 
     if args.data == "sample":
         pairs = load_dataset("json", data_files=str(data_io.SAMPLE_PREFERENCES), split="train")

@@ -160,7 +160,8 @@ def with_recipe(annotated: Any, recipe: str, seed: int) -> Any:
 
 def sample_responses(args: ExperimentArguments, prompts: list[str]) -> list[list[str]]:
     """``--best_of_n`` sampled responses of SmolLM2-135M-Instruct per prompt (cached in the output folder)."""
-    from legend_hf import DEFAULT_DIRECTION, RuntimeOptions, SafetyDirection, generate_responses
+    from legend_hf import DEFAULT_DIRECTION, RuntimeOptions, SafetyDirection
+    from legend_hf.generate import generate_responses
 
     cache = Path(args.output_dir) / "best_of_n_samples.json"
     if cache.is_file():

@@ -16,7 +16,6 @@ from datasets import Dataset, load_from_disk
 
 from legend_hf import (
     MarginAnnotator,
-    MarginScale,
     RuntimeOptions,
     SafetyDirection,
     annotate_margins,
@@ -25,6 +24,7 @@ from legend_hf import (
     scale_margins,
 )
 from legend_hf.direction import DirectionModelWarning
+from legend_hf.provenance import MarginScale
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +316,10 @@ def test_missing_column_is_named(llama_direction, pairs):
 @pytest.mark.parametrize(
     ("columns", "hint"),
     [
-        (["prompt", "response_0", "response_1", "safer_response_id"], "legend_hf.pku_saferlhf_to_pairs"),
+        (
+            ["prompt", "response_0", "response_1", "safer_response_id"],
+            "legend_hf.data_io.pku_saferlhf_to_pairs",
+        ),
         (["question", "response_j", "response_k"], "chosen_column='response_j'"),
         (["prompt", "completion", "label"], "unpaired preference format"),
         (["messages"], "SFT or language-modelling data"),

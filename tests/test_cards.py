@@ -16,14 +16,14 @@ from legend_hf import (
     SafetyDirection,
     annotate_margins,
     dataset_card,
-    dataset_histogram,
     fit_direction,
-    margin_histogram,
     push_annotated_dataset,
     read_record,
 )
 from legend_hf import cards as cards_module
 from legend_hf.cards import LEGEND_BIBTEX, TEMPLATES, size_category
+from legend_hf.plots import margin_histogram
+from legend_hf.publish import dataset_histogram
 from legend_hf.stats import clean
 
 pytest_plugins = ["hub_server"]

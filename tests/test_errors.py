@@ -16,15 +16,9 @@ import torch
 from conftest import HARMFUL, PAIRS
 from datasets import Dataset
 
-from legend_hf import (
-    DirectionModelWarning,
-    RuntimeOptions,
-    SafetyDirection,
-    annotate_margins,
-    cli,
-    fit_direction,
-    load_data,
-)
+from legend_hf import RuntimeOptions, SafetyDirection, annotate_margins, cli, fit_direction
+from legend_hf.data_io import load_data
+from legend_hf.direction import DirectionModelWarning
 from legend_hf.formatting import InputError
 from legend_hf.hub import HubLookupError
 

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from legend_hf import RuntimeOptions, SafetyDirection, Scorer, annotation_report
+from legend_hf import RuntimeOptions, SafetyDirection, annotation_report
 from legend_hf.evaluation import QualityReport, evaluate_direction
 from legend_hf.labels import LabelledPairs
+from legend_hf.scoring import Scorer
 from legend_hf.stats import STATISTICS, pair_accuracy, pair_statistics, roc_auc, spearman
 
 

@@ -16,15 +16,9 @@ from pathlib import Path
 
 from datasets import load_dataset
 
-from legend_hf import (
-    RuntimeOptions,
-    SafetyDirection,
-    annotate_margins,
-    dataset_card,
-    dataset_histogram,
-    fit_direction,
-)
+from legend_hf import RuntimeOptions, SafetyDirection, annotate_margins, dataset_card, fit_direction
 from legend_hf.models import load_model
+from legend_hf.publish import dataset_histogram
 from legend_hf.stats import roc_auc
 
 HERE = Path(__file__).parent

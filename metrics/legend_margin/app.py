@@ -21,11 +21,13 @@ from datasets import Dataset
 from pandas.io.formats.style import Styler
 from torch import nn
 
-from legend_hf import STATISTICS, SafetyDirection, annotate_margins, annotation_report, dataset_histogram
+from legend_hf import SafetyDirection, annotate_margins, annotation_report
 from legend_hf.annotate import BASE_COLUMNS
 from legend_hf.data_io import DEFAULT_DIRECTION, SHIPPED_DIRECTIONS, load_data, write_dataset
 from legend_hf.labels import LABEL_COLUMNS
 from legend_hf.models import load_model
+from legend_hf.publish import dataset_histogram
+from legend_hf.stats import STATISTICS
 
 MAX_ROWS = 300  # the shipped sample: 21 s with SmolLM2 on one CPU thread
 MAX_FILE_SIZE = "5mb"
