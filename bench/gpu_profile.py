@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import RANDOM_CONFIGS, best_of, load_pairs, pair_texts, raw_batches  # noqa: E402
 
 from legend_hf import MarginAnnotator, RuntimeOptions, SafetyDirection  # noqa: E402
-from legend_hf.hidden_states import pad  # noqa: E402
+from legend_hf.batching import pad  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # the CPU only to check this script

@@ -37,7 +37,8 @@ tokenisation is timed everywhere; each row is the fastest of ``--repeats`` runs.
    copies) over that run's wall time.
 4. Levers, each a variation of the default at the last layer, with a verdict (:data:`VERDICTS`):
    ``dtype=float32``; a model object loaded in bf16 (packed, but the residual stream bf16 too);
-   ``packing=False`` (padded batches, which is also the pre-0.3 behaviour); ``share_prompt=False`` (decoders); ``max_tokens_per_batch`` at half and
+   ``packing=False`` (padded batches, which is also the pre-0.3 behaviour); q/k/v and gate/up as separate
+   matmuls instead of fused ones; ``share_prompt=False`` (decoders); ``max_tokens_per_batch`` at half and
    twice the device's default (1024 and 4096 on a CPU); with ``--compile``, ``torch.compile`` of the bf16
    bare base model (``dynamic=True``, ``torch._inductor.config.freezing = True``) over the raw forward's
    batches (steady state timed; the compile, i.e. the first passes, in the label); with ``--openvino``,
@@ -124,6 +125,7 @@ VERDICTS: dict[str, str] = {
     "dtype=float32": "option (exact)",
     "pure bf16": "dropped (fidelity)",
     "packing=False": "kept (packing on)",
+    "unfused": "kept (fused)",
     "share_prompt=False": "kept (sharing on)",
     "max_tokens_per_batch": "kept ({default})",
     "torch.compile": "dropped (warm-up)",
@@ -308,7 +310,7 @@ def score_batches(
     Scores stay where the forward left them, so a GPU never waits on the host until the run ends."""
     import torch
 
-    from legend_hf.hidden_states import pad
+    from legend_hf.batching import pad
 
     out = []
     for batch in raw_batches([len(x) for x in input_ids], size):
@@ -513,7 +515,7 @@ def worker_openvino(spec: Row) -> Row:
     import torch
     from transformers import AutoTokenizer
 
-    from legend_hf.hidden_states import pad
+    from legend_hf.batching import pad
 
     base = load_base(spec, "float32")
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -574,6 +576,10 @@ def worker_legend(spec: Row) -> Row:
 
     options = dict(spec["options"])
     pure = options.pop("pure_bf16", False)  # a bf16 model object runs as loaded: bf16 residual stream too
+    if options.pop("unfused", False):  # sibling projections as separate matmuls (pre-fusion)
+        from legend_hf import precision
+
+        precision.fuse_siblings = lambda model: model
     if spec["random"]:
         # A model object runs as it is unless a dtype is given: give the one legend-hf would pick.
         if not pure:
@@ -772,7 +778,7 @@ def resolve_models(args: argparse.Namespace, workdir: Path) -> dict[str, tuple[P
 
 
 def default_budget(device: str) -> int:
-    from legend_hf.hidden_states import CPU_TOKENS, GPU_TOKENS
+    from legend_hf.reader import CPU_TOKENS, GPU_TOKENS
 
     return GPU_TOKENS if device.startswith("cuda") else CPU_TOKENS
 
@@ -794,6 +800,8 @@ def legend_variants(args: argparse.Namespace, num_layers: int, mid: int, decoder
             {"packing": False},
         ),
     ]
+    # Sibling projections fused into one matmul: part of the mixed-precision default (legend_hf.precision).
+    levers.append(("unfused", "q/k/v (and gate/up) as separate matmuls", {"unfused": True}))
     if decoder:  # encoders have no prompt to share
         levers.append(("share_prompt=False", "share_prompt=False", {"share_prompt": False}))
     for tokens in (budget // 2, budget * 2):

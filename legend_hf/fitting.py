@@ -22,10 +22,10 @@ from torch import nn
 
 from .direction import SafetyDirection, project
 from .formatting import Conversation, InputError, TextTemplate, to_conversation
-from .hidden_states import TextReader
 from .models import default_pooling, load_model, model_identity, normalize_layer, num_layers
 from .options import RuntimeOptions
 from .precision import compute_dtypes
+from .reader import TextReader
 from .stats import pair_accuracy, roc_auc
 
 logger = logging.getLogger(__name__)

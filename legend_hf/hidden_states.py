@@ -1,16 +1,15 @@
-"""Pooled hidden states of texts: the forward pass stops at the deepest layer needed.
+"""Pooled hidden states of token ids at a set of layers: the forward pass stops at the deepest layer needed.
 
-Texts are grouped by a token budget in length order (halved on out-of-memory) and run as packed rows
-without padding (:mod:`legend_hf.packing`), or, for models that cannot pack, as padded batches with
-position ids taken from the attention mask; results do not depend on batch size, padding side or row
-order. Decoders run the prompt shared by two texts once and continue both from its keys and values.
-:class:`TextReader` is what fitting and scoring read through.
+:class:`LayerReader` runs batches (:mod:`legend_hf.batching`) as packed rows without padding
+(:mod:`legend_hf.packing`), or, for models that cannot pack, as padded batches with position ids taken from
+the attention mask; results do not depend on batch size, padding side or row order. Decoders run the prompt
+shared by two texts once and continue both from its keys and values. :class:`legend_hf.reader.TextReader`
+formats and tokenises the texts it reads.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,81 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .formatting import Conversation, TextTemplate
-from .models import POOLINGS, context_length, find_layers, is_decoder, normalize_layer
-from .options import RuntimeOptions
+from .batching import pad, run_batches
+from .models import POOLINGS, find_layers, is_decoder, normalize_layer
 from .packing import Pack, packed_attention, supports_packing, to_device
 
-logger = logging.getLogger(__name__)
-
-# Default token budgets of a packed row: on 2 CPU cores bf16 matmuls reach ~90% of their best speed at 2048
-# tokens (bench/README.md); GPUs want rows large enough to fill them. A GPU reads texts in chunks of pairs.
-CPU_TOKENS = 2048
-GPU_TOKENS = 16384
-GPU_CHUNK = 256
 # A beginning shared by every text of a read (a system prompt) runs once when it has at least this many tokens.
 ROOT_TOKENS = 8
 
 
 class _StopForward(Exception):
     """Raised by a hook once the deepest layer needed has run."""
-
-
-@dataclass
-class Encoded:
-    """Token ids of a list of texts, and which of them were truncated."""
-
-    input_ids: list[list[int]]
-    truncated: list[bool]
-
-
-def tokenize(tokenizer: Any, texts: Sequence[str], *, max_length: int, add_special_tokens: bool) -> Encoded:
-    """Tokenise once; over-long texts lose tokens from the *start* so the response end stays visible.
-
-    A leading special token (BOS/CLS) is kept. Nothing is truncated silently: callers count and flag it.
-    """
-    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
-    special = set(tokenizer.all_special_ids)
-    out, truncated = [], []
-    for row in ids:
-        if len(row) <= max_length:
-            out.append(list(row))
-            truncated.append(False)
-            continue
-        head = [row[0]] if row and row[0] in special else []
-        out.append(head + list(row[len(row) - (max_length - len(head)) :]))
-        truncated.append(True)
-    return Encoded(out, truncated)
-
-
-def length_batches(
-    lengths: Sequence[int], *, max_tokens: int, max_batch_size: int | None = None
-) -> list[list[int]]:
-    """Indices grouped longest first, each batch's padded size (rows x longest) within ``max_tokens``."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        full = max_batch_size is not None and len(current) >= max_batch_size
-        if current and (full or (len(current) + 1) * longest > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def pad(input_ids: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in input_ids)
-    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
-    for r, row in enumerate(input_ids):
-        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[r, span] = torch.tensor(row, dtype=torch.long)
-        mask[r, span] = 1
-    return ids, mask
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -126,26 +60,6 @@ class Reading:
             for k in self.layers:
                 out[k][index] = states[k].cpu()
         return out
-
-
-def pack_batches(
-    lengths: Sequence[int], *, max_tokens: int, max_batch_size: int | None = None
-) -> list[list[int]]:
-    """Indices grouped longest first, each group's total tokens within ``max_tokens`` (a packed row)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    total = 0
-    for i in order:
-        full = max_batch_size is not None and len(current) >= max_batch_size
-        if current and (full or total + lengths[i] > max_tokens):
-            batches.append(current)
-            current, total = [], 0
-        current.append(i)
-        total += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
 
 
 class LayerReader:
@@ -432,40 +346,7 @@ class LayerReader:
         max_tokens: int,
         max_batch_size: int | None,
     ) -> None:
-        """``run`` each length-sorted batch of item indices; on out-of-memory, halve the budget and go on.
-
-        A batch that fails writes nothing, so its items are simply batched again under the smaller
-        budget (with a warning naming the budget to pass next time). One item alone that does not fit
-        re-raises, naming its size.
-        """
-        group = pack_batches if self.packing else length_batches
-        pending = group(costs, max_tokens=max_tokens, max_batch_size=max_batch_size)
-        while pending:
-            batch = pending.pop(0)
-            try:
-                run(batch)
-                continue
-            except torch.OutOfMemoryError as error:
-                if len(batch) == 1:
-                    raise torch.OutOfMemoryError(
-                        f"out of memory on a single text or pair ({costs[batch[0]]} tokens): lower "
-                        f"max_length, use a smaller dtype or a device with more memory ({error})"
-                    ) from error
-            # Outside the handler, whose traceback still holds the failed batch's tensors.
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            size = sum(costs[i] for i in batch) if self.packing else len(batch) * max(costs[i] for i in batch)
-            max_tokens = max(1, size // 2)
-            logger.warning(
-                "out of memory on a batch of %d (%d tokens): retrying with max_tokens_per_batch=%d "
-                "(pass that to avoid the retries)",
-                len(batch),
-                size,
-                max_tokens,
-            )
-            left = batch + [i for b in pending for i in b]
-            regrouped = group([costs[i] for i in left], max_tokens=max_tokens, max_batch_size=max_batch_size)
-            pending = [[left[j] for j in b] for b in regrouped]
+        run_batches(costs, run, max_tokens, max_batch_size, packing=self.packing, device=self.device)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -474,122 +355,3 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-class TextReader:
-    """Format, tokenise and read (prompt messages, response) pairs at ``layers``: pooled fp32 states.
-
-    On a GPU the texts are formatted and tokenised a chunk at a time while the GPU runs the chunk before
-    (nothing waits for the device until every chunk is queued).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        *,
-        layers: Sequence[int],
-        pooling: str,
-        template: TextTemplate,
-        runtime: RuntimeOptions | None = None,
-        max_length: int | None = None,
-        progress: str | None = None,
-    ) -> None:
-        runtime = runtime or RuntimeOptions()
-        self.tokenizer = tokenizer
-        self.template = template
-        self.layer_reader = LayerReader(model, layers, pooling, packing=runtime.packing)
-        self.max_length = max_length or runtime.max_length or context_length(model, tokenizer)
-        on_gpu = self.layer_reader.device.type == "cuda"
-        self.max_tokens_per_batch = runtime.max_tokens_per_batch or (GPU_TOKENS if on_gpu else CPU_TOKENS)
-        self.max_batch_size = runtime.max_batch_size
-        share = True if runtime.share_prompt is None else runtime.share_prompt
-        self.share_prompt = share and self.layer_reader.can_share_prefix
-        self.chunk = GPU_CHUNK if on_gpu else None
-        # A progress bar's description (texts/s, ETA; shown on terminals), or none.
-        self.progress = progress if runtime.progress else None
-        pad_id = tokenizer.pad_token_id
-        self.pad_id = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)
-
-    @property
-    def layers(self) -> list[int]:
-        return self.layer_reader.layers
-
-    def _bar(self, total: int) -> Any:
-        from tqdm.auto import tqdm
-
-        # disable=None: shown on a terminal, silent in logs and CI; disable=True without a description.
-        return tqdm(total=total, desc=self.progress, unit="text", disable=None if self.progress else True)
-
-    def texts(self, conversations: Sequence[Conversation]) -> list[str]:
-        return [self.template.render(self.tokenizer, prompt, response) for prompt, response in conversations]
-
-    def _encode(self, conversations: Sequence[Conversation]) -> Encoded:
-        return tokenize(
-            self.tokenizer,
-            self.texts(conversations),
-            max_length=self.max_length,
-            add_special_tokens=self.template.adds_special_tokens,
-        )
-
-    def _chunks(self, n: int) -> list[range]:
-        step = self.chunk or max(n, 1)
-        return [range(i, min(i + step, n)) for i in range(0, n, step)]
-
-    def read(self, conversations: Sequence[Conversation]) -> tuple[dict[int, torch.Tensor], list[bool]]:
-        """Pooled fp32 states ``{layer: (n, hidden)}`` in input order, and a truncated flag per text."""
-        reader = self.layer_reader
-        reading = reader.reading(len(conversations))
-        truncated: list[bool] = []
-        with self._bar(len(conversations)) as bar:
-            for part in self._chunks(len(conversations)):
-                encoded = self._encode([conversations[i] for i in part])
-                truncated += encoded.truncated
-                reader.start_read(
-                    encoded.input_ids,
-                    reading,
-                    list(part),
-                    self.pad_id,
-                    getattr(self.tokenizer, "padding_side", "right") or "right",
-                    self.max_tokens_per_batch,
-                    self.max_batch_size,
-                    bar.update,
-                )
-            return reading.result(), truncated
-
-    def read_pairs(
-        self,
-        first: Sequence[Conversation],
-        second: Sequence[Conversation],
-    ) -> tuple[dict[int, torch.Tensor], list[bool]]:
-        """States of ``first + second`` (in that order) where ``first[i]`` and ``second[i]`` usually share a
-        prompt: decoders run each shared prompt once (``share_prompt``); other models read every text in full.
-        """
-        if not self.share_prompt:
-            return self.read([*first, *second])
-        if len(first) != len(second):
-            raise ValueError(
-                f"read_pairs needs as many first as second texts ({len(first)} != {len(second)})"
-            )
-        n = len(first)
-        reader = self.layer_reader
-        reading = reader.reading(2 * n)
-        flags_first: list[bool] = []
-        flags_second: list[bool] = []
-        with self._bar(2 * n) as bar:
-            for part in self._chunks(n):
-                a = self._encode([first[i] for i in part])
-                b = self._encode([second[i] for i in part])
-                flags_first += a.truncated
-                flags_second += b.truncated
-                reader.start_read_pairs(
-                    a.input_ids,
-                    b.input_ids,
-                    reading,
-                    (list(part), [n + i for i in part]),
-                    self.pad_id,
-                    self.max_tokens_per_batch,
-                    self.max_batch_size,
-                    bar.update,
-                )
-            return reading.result(), flags_first + flags_second

@@ -24,12 +24,12 @@ from .annotate import check_columns, scale_margins
 from .cards import trained_model_card
 from .dpo import MARGIN_COLUMN, MarginDPOConfig, MarginDPOTrainer, require_margin
 from .formatting import Conversation, TextTemplate, pair_conversations
-from .hidden_states import tokenize
 from .labels import LabelledPairs
 from .models import DEFAULT_MODEL_ID, resolve_model
 from .names import public_name
 from .options import quiet_progress_bars
 from .provenance import AnnotationRecord, read_record
+from .reader import tokenize
 from .stats import clean, pair_accuracy
 
 # ----- data: any schema legend-hf reads, in the shape each trainer wants ---------------------------------------
@@ -193,7 +193,7 @@ def reward_accuracy(
 
 def rewards(model: nn.Module, tokenizer: Any, ids: list[list[int]], batch: int = 16) -> torch.Tensor:
     """One reward per token-id row (a one-logit sequence-classification model), batched, in float64."""
-    from .hidden_states import pad
+    from .batching import pad
 
     model.eval()
     out = []

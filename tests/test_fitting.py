@@ -58,8 +58,8 @@ def test_a_method_is_a_function_you_can_pass(tiny_llama_path):
 
 def test_mean_diff_is_the_paper_smv(tiny_bert_path):
     from legend_hf.formatting import TextTemplate
-    from legend_hf.hidden_states import TextReader
     from legend_hf.models import load_model
+    from legend_hf.reader import TextReader
 
     direction = fit_direction(str(tiny_bert_path), HARMFUL[:6], refusals="No.")
     model, tokenizer = load_model(str(tiny_bert_path))

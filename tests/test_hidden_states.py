@@ -6,8 +6,10 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from legend_hf.hidden_states import LayerReader, length_batches, pool, tokenize
+from legend_hf.batching import length_batches
+from legend_hf.hidden_states import LayerReader, pool
 from legend_hf.models import is_decoder, normalize_layer
+from legend_hf.reader import tokenize
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
@@ -121,7 +123,7 @@ def test_out_of_memory_halves_the_budget_and_loses_nothing(tiny_llama_path, monk
         return forward(self, texts, pack)
 
     monkeypatch.setattr(LayerReader, "forward_pack", guarded)
-    with caplog.at_level("WARNING", logger="legend_hf.hidden_states"):
+    with caplog.at_level("WARNING", logger="legend_hf.batching"):
         done: list[int] = []
         got = reader.read(first, pad_id=0, max_tokens=10_000, on_batch=done.append)
         assert sum(done) == len(first)  # progress counts each text once, failed tries never

@@ -13,7 +13,7 @@ FLOORS: list[tuple[str, ...]] = [
     # 1: plain data and pure functions, the Hub transport
     ("names", "options", "formatting", "stats", "provenance", "precision", "packing", "hub"),
     # 2: shipped data, rendering from plain data, models, the direction artifact
-    ("data_io", "plots", "cards", "models", "hidden_states", "direction"),
+    ("data_io", "plots", "cards", "batching", "models", "hidden_states", "reader", "direction"),
     # 3: the scoring path and its consumers
     ("labels", "scoring", "fitting", "recipes", "annotate", "evaluation", "report", "metric", "generate"),
     # 4: publishing and scaling out

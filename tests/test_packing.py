@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from legend_hf import packing
-from legend_hf.hidden_states import LayerReader, pack_batches
+from legend_hf.batching import pack_batches
+from legend_hf.hidden_states import LayerReader
 from legend_hf.packing import Pack
 
 TEXTS = [

@@ -9,7 +9,7 @@ from legend_hf import RuntimeOptions
 from legend_hf.direction import SafetyDirection
 from legend_hf.fitting import fit_direction
 from legend_hf.formatting import TextTemplate
-from legend_hf.hidden_states import TextReader
+from legend_hf.reader import TextReader
 from legend_hf.recipes import (
     balanced_harmless,
     fit_balanced,

@@ -1,0 +1,110 @@
+"""Grouping texts into batches by a token budget, and running them with an out-of-memory back-off.
+
+Texts are grouped in length order: packed rows hold at most ``max_tokens`` tokens, padded batches at most
+``max_tokens`` padded tokens. A batch that runs out of memory is regrouped under half the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def length_batches(
+    lengths: Sequence[int], *, max_tokens: int, max_batch_size: int | None = None
+) -> list[list[int]]:
+    """Indices grouped longest first, each batch's padded size (rows x longest) within ``max_tokens``."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        full = max_batch_size is not None and len(current) >= max_batch_size
+        if current and (full or (len(current) + 1) * longest > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pack_batches(
+    lengths: Sequence[int], *, max_tokens: int, max_batch_size: int | None = None
+) -> list[list[int]]:
+    """Indices grouped longest first, each group's total tokens within ``max_tokens`` (a packed row)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i in order:
+        full = max_batch_size is not None and len(current) >= max_batch_size
+        if current and (full or total + lengths[i] > max_tokens):
+            batches.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad(input_ids: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for r, row in enumerate(input_ids):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[r, span] = torch.tensor(row, dtype=torch.long)
+        mask[r, span] = 1
+    return ids, mask
+
+
+def run_batches(
+    costs: Sequence[int],
+    run: Callable[[list[int]], None],
+    max_tokens: int,
+    max_batch_size: int | None,
+    *,
+    packing: bool,
+    device: torch.device,
+) -> None:
+    """``run`` each length-sorted batch of item indices (packed rows when ``packing``, else padded batches); on
+    out-of-memory, halve the budget and go on.
+
+    A batch that fails writes nothing, so its items are simply batched again under the smaller
+    budget (with a warning naming the budget to pass next time). One item alone that does not fit
+    re-raises, naming its size.
+    """
+    group = pack_batches if packing else length_batches
+    pending = group(costs, max_tokens=max_tokens, max_batch_size=max_batch_size)
+    while pending:
+        batch = pending.pop(0)
+        try:
+            run(batch)
+            continue
+        except torch.OutOfMemoryError as error:
+            if len(batch) == 1:
+                raise torch.OutOfMemoryError(
+                    f"out of memory on a single text or pair ({costs[batch[0]]} tokens): lower "
+                    f"max_length, use a smaller dtype or a device with more memory ({error})"
+                ) from error
+        # Outside the handler, whose traceback still holds the failed batch's tensors.
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        size = sum(costs[i] for i in batch) if packing else len(batch) * max(costs[i] for i in batch)
+        max_tokens = max(1, size // 2)
+        logger.warning(
+            "out of memory on a batch of %d (%d tokens): retrying with max_tokens_per_batch=%d "
+            "(pass that to avoid the retries)",
+            len(batch),
+            size,
+            max_tokens,
+        )
+        left = batch + [i for b in pending for i in b]
+        regrouped = group([costs[i] for i in left], max_tokens=max_tokens, max_batch_size=max_batch_size)
+        pending = [[left[j] for j in b] for b in regrouped]
