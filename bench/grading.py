@@ -41,9 +41,9 @@ import torch
 
 from legend_hf import RuntimeOptions, SafetyDirection
 from legend_hf.data_io import DEFAULT_DIRECTION, GEMMA_DIRECTION, default_fit_data, load_data
-from legend_hf.evaluation import LabelledPairs
 from legend_hf.fitting import logistic, ridge
 from legend_hf.formatting import Conversation, TextTemplate, to_conversation
+from legend_hf.labels import LabelledPairs
 from legend_hf.models import DEFAULT_MODEL_ID, GEMMA_MODEL_ID, load_model, num_layers
 from legend_hf.reader import TextReader
 from legend_hf.recipes import balanced_harmless

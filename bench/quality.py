@@ -37,9 +37,10 @@ from typing import Any
 import torch
 
 from legend_hf.batching import pad
-from legend_hf.evaluation import LabelledPairs, QualityReport, group_statistics
+from legend_hf.evaluation import QualityReport
 from legend_hf.fitting import DEFAULT_REFUSAL, direction_from_states, layer_scores
 from legend_hf.formatting import TextTemplate, to_conversation
+from legend_hf.labels import LabelledPairs, group_statistics
 from legend_hf.models import load_model, num_layers
 from legend_hf.options import RuntimeOptions
 from legend_hf.recipes import balanced_harmless

@@ -89,7 +89,8 @@ def behaviour(
     model: Any, tokenizer: Any, harmful: list[str], safe: list[str], max_new_tokens: int = 48
 ) -> dict[str, Any]:
     """Refusal rate on harmful prompts and compliance rate on safe ones, from greedy generations."""
-    from legend_hf import RuntimeOptions, generate_responses
+    from legend_hf import RuntimeOptions
+    from legend_hf.generate import generate_responses
 
     prompts = harmful + safe
     out = generate_responses(

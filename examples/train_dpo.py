@@ -57,14 +57,15 @@ class Arguments:
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs"})
-    batch_size: int = field(default=4, metadata={"help": "pairs per step"})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "pairs per step"})
     output_dir: str = field(default="legend-hf-output/dpo", metadata={"help": "results folder"})
 
 
 def load_pairs(args: Arguments) -> tuple[Any, Any]:
     from datasets import load_dataset
 
-    from legend_hf import data_io, load_data
+    from legend_hf import data_io
+    from legend_hf.data_io import load_data
 
     if args.data == "sample":
         pairs = load_dataset("json", data_files=str(data_io.SAMPLE_PREFERENCES), split="train")
@@ -96,30 +97,24 @@ def run(
 ) -> dict[str, Any]:
     import tempfile
 
-    from legend_hf.training import MarginDPOConfig, dpo_accuracy, train_dpo
+    from legend_hf.dpo import MarginDPOConfig
+    from legend_hf.training import dpo_accuracy, shuffled_margins, train_dpo, trainer_config
 
-    data = train
-    if condition == "shuffled":
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        data = train.remove_columns("margin").add_column("margin", [train["margin"][i] for i in order])
+    data = shuffled_margins(train, seed) if condition == "shuffled" else train
     with tempfile.TemporaryDirectory() as tmp:
-        config = MarginDPOConfig(
-            output_dir=tmp,
+        config = trainer_config(  # legend-hf's defaults: no checkpoints, no bf16, response ends kept
+            "dpo",
+            tmp,
+            max_length=args.max_length,
             seed=seed,
             beta=args.beta,
             learning_rate=args.learning_rate,
             num_train_epochs=args.num_train_epochs,
-            per_device_train_batch_size=args.batch_size,
-            max_length=args.max_length,
-            truncation_mode="keep_end",
+            per_device_train_batch_size=args.per_device_train_batch_size,
             margin_mode="weight" if condition == "weight" else "offset",
-            bf16=False,
-            activation_checkpointing=False,
-            save_strategy="no",
-            report_to=[],
-            logging_steps=10,
             disable_tqdm=True,
         )
+        assert isinstance(config, MarginDPOConfig)
         start = time.perf_counter()
         trainer = train_dpo(data, args=config, use_margins=condition != "none")
         seconds = time.perf_counter() - start
@@ -158,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from legend_hf.evaluation import LabelledPairs
+    from legend_hf.labels import LabelledPairs
     from legend_hf.models import DEFAULT_MODEL_ID, resolve_model
 
     hf_logging.set_verbosity_error()

@@ -97,7 +97,7 @@ class ExperimentArguments:
     max_length: int = field(default=96, metadata={"help": "reward model tokens per text (left-truncated)"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs"})
     learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate"})
-    batch_size: int = field(default=16, metadata={"help": "pairs per step"})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "pairs per step"})
     bf16: bool = field(default=False, metadata={"help": "bf16 training (GPU; makes CPU rewards coarse)"})
     best_of_n: int = field(
         default=0, metadata={"help": "responses sampled per held-out harmful prompt (0: none)"}
@@ -141,6 +141,7 @@ def annotate(train: Any, args: ExperimentArguments) -> Any:
 def with_recipe(annotated: Any, recipe: str, seed: int) -> Any:
     """The training pairs with the recipe's ``margin`` column (``legend_hf.scale_margins``; see the docstring)."""
     from legend_hf import scale_margins
+    from legend_hf.training import shuffled_margins
 
     name, _, value = recipe.partition(":")
     if name in ("std", "clip", "shuffled"):
@@ -148,10 +149,7 @@ def with_recipe(annotated: Any, recipe: str, seed: int) -> Any:
         scaled = scale_margins(
             annotated, scale="standardize", target_std=target, clip=(0.0, None) if name == "clip" else None
         )
-        if name != "shuffled":
-            return scaled
-        order = torch.randperm(len(scaled), generator=torch.Generator().manual_seed(seed)).tolist()
-        return scaled.remove_columns("margin").add_column("margin", [scaled["margin"][i] for i in order])
+        return shuffled_margins(scaled, seed) if name == "shuffled" else scaled
     if name == "bins":
         k = int(value or 5)
         return scale_margins(annotated, scale="standardize", bins=k, levels=[i / (k - 1) for i in range(k)])
@@ -162,7 +160,8 @@ def with_recipe(annotated: Any, recipe: str, seed: int) -> Any:
 
 def sample_responses(args: ExperimentArguments, prompts: list[str]) -> list[list[str]]:
     """``--best_of_n`` sampled responses of SmolLM2-135M-Instruct per prompt (cached in the output folder)."""
-    from legend_hf import DEFAULT_DIRECTION, RuntimeOptions, SafetyDirection, generate_responses
+    from legend_hf import DEFAULT_DIRECTION, RuntimeOptions, SafetyDirection
+    from legend_hf.generate import generate_responses
 
     cache = Path(args.output_dir) / "best_of_n_samples.json"
     if cache.is_file():
@@ -238,24 +237,19 @@ def best_of_n(
 def train_one(
     args: ExperimentArguments, backbone: str, data: Any, use_margins: bool, seed: int, tmp: str
 ) -> Any:
-    from trl import RewardConfig
+    from legend_hf.training import train_reward_model, trainer_config
 
-    from legend_hf.training import train_reward_model
-
-    config = RewardConfig(
-        output_dir=tmp,
-        seed=seed,
-        num_train_epochs=args.num_train_epochs,
-        learning_rate=args.learning_rate,
-        per_device_train_batch_size=args.batch_size,
-        max_length=None,  # legend_hf.training tokenises and truncates; TRL would drop longer pairs
-        bf16=args.bf16,
-        activation_checkpointing=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        save_strategy="no",
-        report_to="none",
-        logging_steps=10,
-        disable_tqdm=True,
+    config = (
+        trainer_config(  # legend-hf's defaults: no checkpoints, no bf16 unless asked, pairs cut by legend-hf
+            "reward",
+            tmp,
+            seed=seed,
+            num_train_epochs=args.num_train_epochs,
+            learning_rate=args.learning_rate,
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            bf16=args.bf16,
+            disable_tqdm=True,
+        )
     )
     return train_reward_model(
         data, backbone, args=config, use_margins=use_margins, max_length=args.max_length
@@ -297,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from legend_hf import SafetyDirection, read_record
-    from legend_hf.evaluation import LabelledPairs
+    from legend_hf.labels import LabelledPairs
     from legend_hf.training import reward_accuracy
 
     hf_logging.set_verbosity_error()

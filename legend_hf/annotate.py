@@ -17,7 +17,7 @@ from torch import nn
 
 from .direction import SafetyDirection
 from .formatting import pair_conversations, schema_hint
-from .options import RuntimeOptions, quiet_progress_bars, runtime_options
+from .options import RuntimeOptions, quiet_progress_bars
 from .provenance import AnnotationRecord, MarginScale, annotated_features, read_record
 from .scoring import Scorer
 
@@ -78,9 +78,7 @@ class MarginAnnotator:
         levels: Sequence[float] | None = None,
         runtime: RuntimeOptions | None = None,
         lazy: bool = False,
-        **deprecated: Any,
     ) -> None:
-        runtime = runtime_options(runtime, deprecated, "MarginAnnotator")
         self.scorer = Scorer(direction, model, tokenizer, runtime=runtime)
         self.columns = (prompt_column, chosen_column, rejected_column)
         if not isinstance(scale, MarginScale):
@@ -104,8 +102,7 @@ class MarginAnnotator:
     def record(self, run: dict[str, Any] | None = None) -> AnnotationRecord:
         """The provenance record of this annotator's margins; ``run`` (default: :meth:`Scorer.run_fields`,
         which loads the model) says how the model ran."""
-        return AnnotationRecord.of(
-            self.direction,
+        return self.direction.record(
             model_id=None if self.scorer.model_id == self.direction.model_id else self.scorer.model_id,
             **self.scale.record_fields(),
             **(run if run is not None else self.scorer.run_fields()),
@@ -166,7 +163,6 @@ def annotate_margins(
     batch_size: int = 1000,
     num_proc: int | None = None,
     load_from_cache_file: bool | None = None,
-    **deprecated: Any,
 ) -> Any:
     """Annotate a ``Dataset`` (or ``IterableDataset``) with margins and record how (see :mod:`provenance`).
 
@@ -179,7 +175,7 @@ def annotate_margins(
     """
     from datasets import Dataset
 
-    runtime = runtime_options(runtime, deprecated, "annotate_margins")
+    runtime = runtime or RuntimeOptions()
     MarginScale.check(
         scale=scale, target_std=target_std, clip=clip, bins=bins, levels=levels
     )  # before the work
@@ -259,7 +255,7 @@ def scale_margins(
             raise ValueError(
                 "the dataset has no legend-hf record of its direction: pass the direction that annotated it"
             )
-        record = AnnotationRecord.of(direction)
+        record = direction.record()
     elif direction is not None and direction.fingerprint() != record.direction_fingerprint:
         raise ValueError(
             f"the dataset was annotated with direction {record.direction!r} (fingerprint "

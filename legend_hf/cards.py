@@ -1,30 +1,28 @@
-"""Hub cards, rendering only: the model card of a direction artifact and the card of an annotated dataset.
+"""Hub cards, rendering only, from plain data: the model card of a direction artifact (from its config), the
+card of an annotated dataset (from its record and report) and the card of a model trained with margins.
 
 The Jinja templates live in the repository's ``hub_cards/`` (one copy; wheels carry it as
 ``legend_hf/templates/``) and are rendered with ``huggingface_hub``'s ``ModelCard.from_template`` /
 ``DatasetCard.from_template``. A dataset card describes the margins from the dataset's provenance record
 (:mod:`legend_hf.provenance`), which it also carries in its YAML (``legend_hf:``); without a record it
-says so instead of guessing.
+says so instead of guessing. :func:`legend_hf.publish.dataset_card` renders it for a ``Dataset``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
 from .data_io import SHIPPED_DIRECTIONS, shipped_folder
-from .hub import looks_local, public_name
+from .names import is_hub_id, public_name
 from .plots import LAYER_PLOT_NAME, has_matplotlib, plot_layer_scores
-from .provenance import RECORD_KEY, AnnotationRecord, read_record
+from .provenance import RECORD_KEY, AnnotationRecord
 from .stats import clean
-
-if TYPE_CHECKING:
-    from .direction import SafetyDirection
 
 TEMPLATES = shipped_folder("templates", "hub_cards")
 DIRECTION_TEMPLATE = TEMPLATES / "direction_card_template.md"
@@ -48,7 +46,6 @@ LEGEND_APA = (
     "engineering to annotate safety margin for preference datasets. *Proceedings of the AAAI Conference on "
     "Artificial Intelligence, 39*. https://arxiv.org/abs/2406.08124"
 )
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
 TEMPLATE_DESCRIPTIONS = {
     "chat": "the annotator's chat template (user = prompt, assistant = response)",
     "alpaca": "the Alpaca-style instruction template of the Legend paper",
@@ -61,10 +58,6 @@ METHOD_DESCRIPTIONS = {
     "ridge": "`ridge`: a ridge regression of the safety level (safe 0, a harmful answer minus its severity)",
 }
 POOLING_DESCRIPTIONS = {"last": "last real token", "mean": "mean over real tokens"}
-
-
-def is_hub_id(ref: str | None) -> bool:
-    return bool(ref) and _HUB_ID.fullmatch(str(ref)) is not None and not looks_local(str(ref))
 
 
 def _cell(name: str, value: float) -> str:
@@ -104,11 +97,12 @@ def _shared_context(model_id: str, template: str, pooling: str, method: str) -> 
     }
 
 
-def _fit_description(direction: SafetyDirection) -> str:
-    fit = direction.fit_data
+def fit_description(config: Mapping[str, Any]) -> str:
+    """What a direction was fitted on, from its config (:meth:`SafetyDirection.config_dict`)."""
+    fit = config.get("fit_data") or {}
     if fit.get("n_harmful") is None:
         return "unrecorded data"
-    safe = "refusals" if direction.refusals else "safe responses"
+    safe = "refusals" if config.get("refusals") else "safe responses"
     text = f"{fit['n_harmful']} harmful responses vs {fit.get('n_harmless')} {safe}"
     return text + (f" ({fit['description']})" if fit.get("description") else "")
 
@@ -117,69 +111,69 @@ def _fit_description(direction: SafetyDirection) -> str:
 
 
 def direction_card(
-    direction: SafetyDirection,
+    config: Mapping[str, Any],
     *,
+    fingerprint: str,
     plot: str | None = None,
     repo_id: str | None = None,
     license: str | None = None,
 ) -> ModelCard:
-    """The model card of a direction artifact (its README.md). ``plot`` is the path, relative to the card, of
-    the per-layer score image; ``repo_id`` names the artifact in the usage snippets (default: where it was
-    loaded from when that is a Hub repo)."""
+    """The model card of a direction artifact (its README.md), from its config
+    (:meth:`SafetyDirection.config_dict`) and fingerprint. ``plot`` is the path, relative to the card, of the
+    per-layer score image; ``repo_id`` names the artifact in the usage snippets (when it is a Hub id)."""
     card_data = ModelCardData(
         library_name="legend-hf",
         license=license,
-        base_model=direction.model_id if is_hub_id(direction.model_id) else None,
+        base_model=config["model_id"] if is_hub_id(config["model_id"]) else None,
         tags=list(DIRECTION_TAGS),
     )
+    scores = {int(k): v for k, v in config.get("layer_scores", {}).items()}
     rows = [
         {
             "layer": k,
             "pair_accuracy": s["pair_accuracy"],
             "response_auc": s["response_auc"],
             "n_heldout": int(s["n_heldout"]),
-            "used": k == direction.layer,
+            "used": k == config["layer"],
         }
-        for k, s in sorted(direction.layer_scores.items())
+        for k, s in sorted(scores.items())
     ]
-    holdout = direction.fit_data.get("holdout")
+    holdout = (config.get("fit_data") or {}).get("holdout")
     return ModelCard.from_template(
         card_data,
         template_path=str(DIRECTION_TEMPLATE),
-        **_shared_context(direction.model_id, direction.template, direction.pooling, direction.method),
-        direction=direction,
-        fingerprint=direction.fingerprint(),
-        fit_description=_fit_description(direction),
-        fitted_layers=sorted(direction.vectors),
+        **_shared_context(config["model_id"], config["template"], config["pooling"], config["method"]),
+        direction=config,
+        fingerprint=fingerprint,
+        fit_description=fit_description(config),
+        fitted_layers=sorted(config["layers"]),
         layer_rows=rows,
         holdout_share=f"{100 * holdout:g}%" if isinstance(holdout, (int, float)) else "a share",
         plot=plot,
-        repo_id=repo_id or (direction.source if is_hub_id(direction.source) else "path/to/direction"),
+        repo_id=repo_id or "path/to/direction",
     )
 
 
-def write_direction_card(
-    direction: SafetyDirection, folder: str | os.PathLike[str], *, repo_id: str | None = None
-) -> Path:
-    """Write README.md into an artifact folder and, when matplotlib is installed and several layers were scored,
-    the per-layer plot it shows (``layer_scores.png``). Returns the README path."""
-    folder = Path(folder)
-    plot_path = folder / LAYER_PLOT_NAME
-    plot = None
-    if len(direction.layer_scores) > 1 and has_matplotlib():
-        plot_layer_scores(
-            direction.layer_scores,
-            plot_path,
-            layer=direction.layer,
-            metrics={"response_auc": "held-out response_auc", "pair_accuracy": "held-out pair_accuracy"},
-            title="Held-out separation of safe and harmful responses",
-        )
-        plot = LAYER_PLOT_NAME
-    else:
-        plot_path.unlink(missing_ok=True)  # a plot left by an earlier save would not match this card
-    readme = folder / "README.md"
-    direction_card(direction, plot=plot, repo_id=repo_id).save(readme)
-    return readme
+def layer_plot(config: Mapping[str, Any]) -> str | None:
+    """The per-layer plot a direction's card shows (``layer_scores.png``): with several scored layers and
+    matplotlib installed, else none."""
+    return LAYER_PLOT_NAME if len(config.get("layer_scores", {})) > 1 and has_matplotlib() else None
+
+
+def write_layer_plot(config: Mapping[str, Any], folder: str | os.PathLike[str]) -> Path | None:
+    """Write the :func:`layer_plot` of a direction's config into its artifact folder (and remove one an earlier
+    save left, when there is none to show)."""
+    path = Path(folder) / LAYER_PLOT_NAME
+    if layer_plot(config) is None:
+        path.unlink(missing_ok=True)  # a plot left by an earlier save would not match this card
+        return None
+    return plot_layer_scores(
+        {int(k): v for k, v in config["layer_scores"].items()},
+        path,
+        layer=config["layer"],
+        metrics={"response_auc": "held-out response_auc", "pair_accuracy": "held-out pair_accuracy"},
+        title="Held-out separation of safe and harmful responses",
+    )
 
 
 # ----- the annotated dataset's card -------------------------------------------------------------------
@@ -309,9 +303,13 @@ _COLUMN_MEANINGS = {
 
 
 def dataset_card(
-    dataset: Any,
-    direction: SafetyDirection | None = None,
+    record: AnnotationRecord,
+    report: Mapping[str, Any],
     *,
+    n_rows: int,
+    columns: Sequence[str],
+    recorded: bool = True,
+    fit: str | None = None,
     source_dataset: str | None = None,
     source_revision: str | None = None,
     license: str | None = None,
@@ -320,38 +318,17 @@ def dataset_card(
     repo_id: str | None = None,
     histogram: str | None = None,
     group_by: str | None = None,
-    record: AnnotationRecord | None = None,
-    report: dict[str, Any] | None = None,
 ) -> DatasetCard:
     """The card of an annotated dataset: provenance, settings, margin statistics, agreement with the data's labels,
-    how to train with it. Every statement about the margins is rendered from the record and the statistics.
+    how to train with it. Every statement about the margins is rendered from ``record`` and ``report`` (an
+    :class:`legend_hf.report.AnnotationReport`'s ``to_dict()``).
 
-    Settings come from the dataset's provenance record (``record`` overrides it); ``direction``, when given,
-    adds how it was fitted and must be the one the record names. ``histogram`` is the image the card shows
-    (write it with :func:`legend_hf.plots.margin_histogram`); ``repo_id`` names the dataset in the usage
-    snippet; ``group_by`` (default ``pair_type`` when present) splits the statistics by the values of a column.
-    ``report`` is the dataset's :func:`legend_hf.annotation_report` (default: computed with the default column
-    names, ``prompt``/``chosen``/``rejected`` or HH-RLHF dialogues). ``license`` defaults to
-    ``dataset.info.license``: carry the source dataset's license.
+    ``recorded=False``: the dataset carries no record and ``record`` was made from the direction (the card then
+    says the scaling is not recorded); ``fit`` says what the direction was fitted on (:func:`fit_description`).
+    ``histogram`` is the image the card shows; ``repo_id`` names the dataset in the usage snippet;
+    ``group_by`` names the column the report's groups come from; ``n_rows`` and ``columns`` describe the data.
     """
-    from .evaluation import annotation_report
-
-    record = record or read_record(dataset)
-    if (
-        record is not None
-        and direction is not None
-        and record.direction_fingerprint != direction.fingerprint()
-    ):
-        raise ValueError(
-            f"the dataset was annotated with direction fingerprint {record.direction_fingerprint} (from "
-            f"{record.direction!r}), not with this direction ({direction.fingerprint()}): pass the direction "
-            "that annotated it"
-        )
-    if group_by is None and "pair_type" in dataset.column_names:
-        group_by = "pair_type"
-    report = report or annotation_report(dataset, group_column=group_by)
     overview = report["margins"]
-    license = license or getattr(dataset.info, "license", None) or None
     source_name = source_dataset.split("/")[-1] if source_dataset else None
     card_data = DatasetCardData(
         license=license,
@@ -365,50 +342,42 @@ def dataset_card(
         tags=list(DATASET_TAGS),
         task_categories=["text-generation"],
         annotations_creators=["machine-generated"],
-        size_categories=[size_category(len(dataset))],
+        size_categories=[size_category(n_rows)],
         source_datasets=[f"extended|{source_dataset}"] if is_hub_id(source_dataset) else None,
-        **{RECORD_KEY: record.to_dict() if record is not None else None},  # type: ignore[arg-type]
+        **{RECORD_KEY: record.to_dict() if recorded else None},  # type: ignore[arg-type]
     )
-    meaning = margin_meaning(record)
-    columns = dataset.column_names
+    shown = record if recorded else None
+    meaning = margin_meaning(shown)
     new_columns = [{"name": "margin", "dtype": "float64", "meaning": meaning["column"]}] + [
         {"name": c, "dtype": dtype, "meaning": text}
         for c, (dtype, text) in _COLUMN_MEANINGS.items()
         if c in columns
     ]
-    if record is not None:
-        described = record
-    elif direction is not None:
-        described = AnnotationRecord.of(direction)
-    else:
-        raise ValueError(
-            "the dataset has no legend-hf record (annotated by a plain Dataset.map?): pass the direction "
-            "that annotated it"
-        )
     stats_intro = (
         "Raw margins (`margin_raw`, before scaling and binning), in the direction's projection units."
         if overview["column"] == "margin_raw"
         else "Margins (`margin`), in the direction's projection units."
     )
     if histogram:
-        edges = " and the bin edges" if record is not None and record.bin_edges else ""
+        edges = " and the bin edges" if shown is not None and shown.bin_edges else ""
         stats_intro += f" The histogram below shows the same values{edges}."
     return DatasetCard.from_template(
         card_data,
         template_path=str(DATASET_TEMPLATE),
-        **_shared_context(described.model_id, described.template, described.pooling, described.method),
-        record=described,
-        recorded=record is not None,
-        fit_description=_fit_description(direction) if direction is not None else None,
+        **_shared_context(record.model_id, record.template, record.pooling, record.method),
+        record=record,
+        recorded=recorded,
+        fit_description=fit,
         source_dataset=source_dataset,
         source_revision=source_revision,
         source_link=_link(source_dataset, "datasets/"),
-        direction_link=_direction_link(described.direction),
-        n_rows=len(dataset),
+        direction_link=_direction_link(record.direction),
+        n_rows=n_rows,
         new_columns=new_columns,
         stats=overview,
+        overall=report["scores"]["all"],
         stats_intro=stats_intro,
-        bin_rows=_bin_rows(overview, record),
+        bin_rows=_bin_rows(overview, shown),
         meaning=meaning,
         histogram=histogram,
         group_by=group_by,

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .formatting import InputError
-from .hub import HubLookupError, looks_local
+from .hub import HubLookupError
+from .names import looks_local
 
 PACKAGE_DIR = Path(__file__).parent
 DATA_DIR = PACKAGE_DIR / "data"

@@ -12,24 +12,32 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin
 
-from .cards import write_direction_card
+from .cards import DIRECTION_TAGS, direction_card, layer_plot, write_layer_plot
 from .data_io import SHIPPED_DIRECTIONS
 from .formatting import InputError
-from .hub import download, looks_local, public_name, push_folder
+from .hub import download
 from .models import normalize_layer, num_layers
+from .names import __version__, is_hub_id, looks_local, public_name
+from .plots import LAYER_PLOT_NAME
+from .provenance import AnnotationRecord
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "direction.safetensors"
 CONFIG_NAME = "direction_config.json"
 SIGN_CONVENTION = "margin = (h(prompt+chosen) - h(prompt+rejected)) . u; positive means chosen is safer"
+LAYER_SCORES = {
+    "pair_accuracy",
+    "response_auc",
+    "n_heldout",
+}  # held-out scores of a layer (fitting.layer_scores)
 _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy")
 
 
@@ -44,13 +52,11 @@ class DirectionModelWarning(UserWarning):
 
 
 def _library_version() -> str:
-    from . import __version__
-
     return __version__
 
 
 @dataclass(eq=False)  # tensors have no truth value: compare with fingerprint()
-class SafetyDirection:
+class SafetyDirection(ModelHubMixin, library_name="legend-hf", tags=DIRECTION_TAGS):
     """A safety direction in one model's hidden space: the Standard Margin Vector and its provenance.
 
     ``vectors`` maps a hidden-state index (0 = embeddings, ``num_layers`` = last hidden state) to the
@@ -79,6 +85,10 @@ class SafetyDirection:
     # Where the artifact was loaded from (not saved): a local folder or a Hub repo id, and its commit.
     source: str | None = field(default=None, compare=False)
     source_revision: str | None = field(default=None, compare=False)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SafetyDirection:
+        """No mixin config (a ``config.json`` of the init arguments): the config is ``direction_config.json``."""
+        return object.__new__(cls)
 
     def __post_init__(self) -> None:
         self.vectors = {
@@ -150,6 +160,37 @@ class SafetyDirection:
             digest.update(self.vectors[k].numpy().tobytes())
         return digest.hexdigest()[:32]
 
+    def record(self, *, model_id: str | None = None, **fields_: Any) -> AnnotationRecord:
+        """The provenance record of margins from this direction (``model_id``: another model than the recorded
+        one); ``fields_`` set the others (how the model ran, the scale), over the direction's own settings."""
+        record = AnnotationRecord(
+            direction=self.name,
+            direction_revision=self.source_revision,
+            direction_fingerprint=self.fingerprint(),
+            model_id=public_name(model_id or self.model_id) or "",
+            model_revision=self.model_revision if model_id is None else None,
+            layer=self.layer,
+            num_layers=self.num_layers,
+            pooling=self.pooling,
+            template=self.template,
+            method=self.method,
+            max_length=self.max_length,
+            library_version=__version__,
+        )
+        return replace(record, **fields_)
+
+    def generate_model_card(self, *, repo_id: str | None = None, license: str | None = None) -> ModelCard:  # type: ignore[override]
+        """The artifact's model card (README.md, the mixin's hook), rendered from :meth:`config_dict`: ``repo_id``
+        names the artifact in the usage snippets (default: where it was loaded from)."""
+        config = self.config_dict()
+        return direction_card(
+            config,
+            fingerprint=self.fingerprint(),
+            repo_id=repo_id or (self.source if is_hub_id(self.source) else None),
+            license=license,
+            plot=layer_plot(config),
+        )
+
     def check_model(self, model: torch.nn.Module, *, check_model_id: bool = True) -> None:
         """Raise before any compute if ``model`` cannot host this direction; warn on another model id."""
         config = model.config
@@ -171,15 +212,29 @@ class SafetyDirection:
 
     # ----- persistence -------------------------------------------------------------------------------
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike[str], *, card: bool = True, repo_id: str | None = None
-    ) -> Path:
-        """Write ``direction.safetensors``, ``direction_config.json`` and (with ``card``) a README.md card
-        (``repo_id`` names the artifact in the card's usage snippets)."""
+    # ----- persistence: huggingface_hub's ModelHubMixin, through its two hooks --------------------------------
+
+    def save_pretrained(  # type: ignore[override]
+        self, save_directory: str | os.PathLike[str], *, card: bool = True, **mixin_kwargs: Any
+    ) -> Any:
+        """The mixin's ``save_pretrained``: ``direction.safetensors`` and ``direction_config.json``
+        (:meth:`_save_pretrained`), then the card (README.md, :meth:`generate_model_card`;
+        ``model_card_kwargs={"repo_id": ...}`` names the artifact in its snippets) and the per-layer plot it shows.
+        ``card=False`` writes the two files only. Returns the folder (with ``push_to_hub=True``, the commit)."""
+        path = Path(save_directory)
+        if not card:
+            path.mkdir(parents=True, exist_ok=True)
+            self._save_pretrained(path)
+            return path
+        pushed = super().save_pretrained(path, **mixin_kwargs)
+        write_layer_plot(self.config_dict(), path)
+        return pushed or path
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's hook: the vectors (safetensors, string metadata) and the JSON config. A card and plot an
+        earlier save left are removed (the mixin keeps an existing README.md)."""
         from safetensors.torch import save_file
 
-        path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {f"layer_{k}": v.contiguous() for k, v in self.vectors.items()}
         metadata = {
             "format": "pt",
@@ -188,16 +243,16 @@ class SafetyDirection:
             "model_id": self.model_id,
             "library": "legend-hf",
         }
-        save_file(tensors, str(path / WEIGHTS_NAME), metadata=metadata)
-        (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2, ensure_ascii=False) + "\n")
-        if card:
-            write_direction_card(self, path, repo_id=repo_id)
-        return path
+        save_file(tensors, str(save_directory / WEIGHTS_NAME), metadata=metadata)
+        config = json.dumps(self.config_dict(), indent=2, ensure_ascii=False)
+        (save_directory / CONFIG_NAME).write_text(config + "\n")
+        for stale in ("README.md", LAYER_PLOT_NAME):
+            (save_directory / stale).unlink(missing_ok=True)
 
     @classmethod
-    def from_pretrained(
+    def from_pretrained(  # type: ignore[override]
         cls,
-        pretrained_name_or_path: str | os.PathLike[str],
+        pretrained_model_name_or_path: str | os.PathLike[str],
         *,
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
@@ -210,9 +265,11 @@ class SafetyDirection:
 
         A local folder wins over a shipped direction of the same name, with a warning, and records name it
         ``./<name>``. A name that looks like a path, or has no ``owner/``, is never sent to the Hub; errors name
-        the folder, or the repo, revision and file, and say what to do.
+        the folder, or the repo, revision and file, and say what to do. (The mixin's own ``from_pretrained`` would
+        send shipped names to the Hub and look for a ``config.json`` first: this one decides where to read, then
+        calls the mixin's hook :meth:`_from_pretrained`.)
         """
-        ref = str(pretrained_name_or_path)
+        ref = str(pretrained_model_name_or_path)
         path = Path(ref).expanduser()
         # A direction that ships with legend-hf, unless a local folder has its name.
         if ref in SHIPPED_DIRECTIONS:
@@ -225,24 +282,48 @@ class SafetyDirection:
                 )
             else:
                 path = SHIPPED_DIRECTIONS[ref]
-        if path.is_dir():
-            _refuse_pickles(path)
-            direction = cls._load(path / CONFIG_NAME, path / WEIGHTS_NAME)
-            direction.source = str(path.resolve())
-            return direction
         if path.is_file():
             raise FileNotFoundError(
                 f"{ref} is a file: pass the direction's folder (the one holding {WEIGHTS_NAME} and {CONFIG_NAME})"
             )
-        if looks_local(ref) or "/" not in ref:
+        if not path.is_dir() and (looks_local(ref) or "/" not in ref):
             near = difflib.get_close_matches(path.name, SHIPPED_DIRECTIONS, n=1)
             raise FileNotFoundError(
                 f"{ref}: no such direction folder, and not a Hub repo id (owner/name); "
                 + (f"did you mean {near[0]}? " if near else "")
                 + f"The shipped directions are {', '.join(SHIPPED_DIRECTIONS)}"
             )
+        return cls._from_pretrained(
+            model_id=str(path) if path.is_dir() else ref,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | os.PathLike[str] | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        **model_kwargs: Any,
+    ) -> SafetyDirection:
+        """A local folder (safetensors and JSON only: a folder of pickles is refused), or both files of a Hub repo
+        at one resolved commit (a push in between cannot mix two versions), as :meth:`from_pretrained` resolved."""
+        path = Path(model_id)
+        if path.is_dir():
+            _refuse_pickles(path)
+            direction = cls._load(path / CONFIG_NAME, path / WEIGHTS_NAME)
+            direction.source = str(path.resolve())
+            return direction
         (config_file, weights_file), commit = download(
-            ref,
+            model_id,
             [CONFIG_NAME, WEIGHTS_NAME],
             revision=revision,
             cache_dir=cache_dir,
@@ -252,7 +333,7 @@ class SafetyDirection:
             missing_hint=f"not a legend-hf direction (it needs {CONFIG_NAME} and {WEIGHTS_NAME})",
         )
         direction = cls._load(config_file, weights_file)
-        direction.source, direction.source_revision = ref, commit
+        direction.source, direction.source_revision = model_id, commit
         return direction
 
     @classmethod
@@ -293,11 +374,14 @@ class SafetyDirection:
                 f"{weights_file} holds layers {sorted(vectors)} but {config_file.name} lists {layers}"
             )
         config.pop("sign_convention", None)
-        renamed = {"accuracy": "pair_accuracy", "auc": "response_auc"}  # the names of legend-hf 0.1
-        config["layer_scores"] = {
-            int(k): {renamed.get(name, name): value for name, value in v.items()}
-            for k, v in config.get("layer_scores", {}).items()
-        }
+        config["layer_scores"] = {int(k): v for k, v in config.get("layer_scores", {}).items()}
+        for k, scores in config["layer_scores"].items():
+            names = sorted(set(scores) - LAYER_SCORES)
+            if names:
+                raise InputError(
+                    f"{config_file}: layer_scores[{k}] has unknown scores {names} (expected {sorted(LAYER_SCORES)}; "
+                    "legend-hf 0.1 wrote accuracy/auc: load and re-save the artifact with legend-hf 0.2)"
+                )
         known = {f for f in cls.__dataclass_fields__ if f not in ("vectors", "source", "source_revision")}
         unknown = set(config) - known
         if unknown:
@@ -307,7 +391,7 @@ class SafetyDirection:
         except (TypeError, ValueError) as e:
             raise InputError(f"{config_file} / {weights_file.name}: {e}") from e
 
-    def push_to_hub(
+    def push_to_hub(  # type: ignore[override]
         self,
         repo_id: str,
         *,
@@ -317,21 +401,26 @@ class SafetyDirection:
         revision: str | None = None,
         create_pr: bool = False,
     ) -> Any:
-        """Upload what ``save_pretrained`` writes in one commit; a new branch ``revision`` is created first.
+        """The mixin's ``push_to_hub`` (what :meth:`save_pretrained` writes, in one commit) to the branch
+        ``revision``, which is created first when it does not exist (the mixin's alone would fail with a 404).
 
         Returns the ``CommitInfo``: ``commit_url``, and with ``create_pr`` the ``pr_url`` and ``pr_revision``.
         """
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, repo_id=repo_id)
-            return push_folder(
-                tmp,
-                repo_id,
-                revision=revision,
-                create_pr=create_pr,
-                commit_message=commit_message,
-                private=private,
-                token=token,
-            )
+        from huggingface_hub import HfApi
+
+        if revision is not None and not revision.startswith("refs/pr/"):
+            api = HfApi(token=token)
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return super().push_to_hub(
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            branch=revision,
+            create_pr=create_pr,
+            model_card_kwargs={"repo_id": repo_id},
+        )
 
     def __repr__(self) -> str:
         return (

@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,14 @@ import torch
 
 from .annotate import MarginAnnotator
 from .direction import SafetyDirection
+from .options import RuntimeOptions
+from .provenance import RECORD_KEY
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "legend_hf_run.json"
 ROW_COLUMN = "legend_hf_row"  # input row index, added by engines whose workers see rows out of order
-_METADATA_KEY = b"legend_hf"
+_SHARD_KEY = b"legend_hf_shard"  # a shard's rows and the run it belongs to (the record is under legend_hf)
 
 
 @dataclass
@@ -47,23 +49,17 @@ class ShardRun:
     skipped: list[int] = field(default_factory=list)
 
 
-def run_config(annotator: MarginAnnotator) -> dict[str, Any]:
-    """What an annotation computes, as JSON: the direction fingerprint and the options that change margins
-    (device, batch sizes and warnings do not)."""
-    scorer = annotator.scorer
-    tokenizer = scorer.tokenizer_ref
-    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = getattr(tokenizer, "name_or_path", None)
-    return {
-        "direction_fingerprint": annotator.direction.fingerprint(),
-        "model": scorer.model_id,
-        "tokenizer": None if tokenizer is None else str(tokenizer),
-        "revision": scorer.runtime.model_revision,
-        "dtype": scorer.runtime.dtype,
-        "columns": list(annotator.columns),
-        "scale": asdict(annotator.scale),
-        "max_length": scorer.runtime.max_length or annotator.direction.max_length,
-    }
+def run_settings(annotator: MarginAnnotator, run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What an annotation computes, in the provenance record's schema: the record of its margins
+    (:class:`legend_hf.provenance.AnnotationRecord`, under ``legend_hf``; ``run``: how the model ran, default
+    loaded) and the text ``columns`` it reads. Device, batch sizes and warnings change no margin and are not in it."""
+    return {RECORD_KEY: annotator.record(run).to_dict(), "columns": list(annotator.columns)}
+
+
+def _run_fingerprint(settings: dict[str, Any]) -> str:
+    """What a finished shard must have been computed with (the library version aside)."""
+    record = {k: v for k, v in settings[RECORD_KEY].items() if k != "library_version"}
+    return _fingerprint({**settings, RECORD_KEY: record})
 
 
 def _fingerprint(data: Any) -> str:
@@ -123,7 +119,7 @@ def _shard_metadata(path: Path) -> dict[str, Any] | None:
     except (OSError, pa.ArrowException) as err:
         logger.warning("%s is unreadable (%s): recomputing it", path, err)
         return None
-    data = (meta.metadata or {}).get(_METADATA_KEY)
+    data = (meta.metadata or {}).get(_SHARD_KEY)
     if data is None:
         return None
     return {**json.loads(data), "num_rows": meta.num_rows}
@@ -162,9 +158,10 @@ def annotate_shards(
     # Lazy: the model loads at the first shard to compute, not when every shard is done.
     annotator = MarginAnnotator(direction, lazy=True, **annotator_options)
     annotator.check_columns(dataset.column_names)
-    config = run_config(annotator)
+    run_fields = annotator.scorer.run_fields()
+    settings = run_settings(annotator, run_fields)
     ranges = shard_ranges(len(dataset), shard_size)
-    features = annotator.features(dataset.features)
+    features = annotator.features(dataset.features, run_fields)
     write_manifest(
         output,
         {
@@ -172,11 +169,11 @@ def annotate_shards(
             "num_rows": len(dataset),
             "shard_size": shard_size,
             "num_shards": len(ranges),
-            "config": config,
+            **settings,
             "features": features.to_dict(),
         },
     )
-    config_fp = _fingerprint(config)
+    config_fp = _run_fingerprint(settings)
     rows = dataset.with_format(None)
     run = ShardRun(output, len(ranges), rank, world_size)
     for index in range(rank, len(ranges), world_size):
@@ -186,7 +183,7 @@ def annotate_shards(
             "start": start,
             "stop": stop,
             "input_sha256": _fingerprint(rows[start:stop]),
-            "config_fingerprint": config_fp,
+            "run_fingerprint": config_fp,
         }
         found = _shard_metadata(path)
         if found is not None and found.pop("num_rows") == stop - start and found == expected:
@@ -201,7 +198,7 @@ def annotate_shards(
             )
         began = time.perf_counter()
         table = _annotate_range(rows, annotator, features, start, stop, batch_size)
-        metadata = {**(table.schema.metadata or {}), _METADATA_KEY: json.dumps(expected).encode()}
+        metadata = {**(table.schema.metadata or {}), _SHARD_KEY: json.dumps(expected).encode()}
         _write_table(path, table.replace_schema_metadata(metadata))
         run.computed.append(index)
         logger.info(
@@ -239,6 +236,17 @@ def _write_table(path: Path, table: Any) -> None:
     _atomic_write(path, lambda f: pq.write_table(table, f))
 
 
+def worker_runtime(runtime: RuntimeOptions | None = None) -> RuntimeOptions:
+    """The runtime of this process's worker: ``runtime`` as given, on ``cuda:$LOCAL_RANK`` (made the current
+    CUDA device) when GPUs exist and ``runtime`` names no device."""
+    runtime = runtime or RuntimeOptions()
+    if runtime.device is None and torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        runtime = replace(runtime, device=f"cuda:{local_rank}")
+    return runtime
+
+
 def annotate_distributed(
     dataset: Any,
     direction: SafetyDirection,
@@ -247,12 +255,14 @@ def annotate_distributed(
     shard_size: int = 10_000,
     batch_size: int = 1000,
     timeout: timedelta = timedelta(hours=24),
+    runtime: RuntimeOptions | None = None,
     **annotator_options: Any,
 ) -> Any:
     """Resumable annotation under ``torchrun``/``accelerate launch`` (or alone): returns the merged ``Dataset``
     on rank 0 and ``None`` on the other ranks.
 
-    Every rank annotates its shards (:func:`annotate_shards`) on ``cuda:$LOCAL_RANK`` when GPUs exist, then
+    Every rank annotates its shards (:func:`annotate_shards`) with :func:`worker_runtime` (``runtime``, on
+    ``cuda:$LOCAL_RANK`` when GPUs exist and ``runtime`` names no device), then
     waits for the others at a ``torch.distributed`` barrier (``gloo`` on CPU, ``nccl`` on GPU, created here
     when the launcher has not; ``timeout`` bounds the wait for the slowest rank), and rank 0 merges the
     shards. Without a launcher it is a single resumable process. Rerun the same command after a crash: only
@@ -262,10 +272,7 @@ def annotate_distributed(
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available() and annotator_options.get("device") is None:
-        torch.cuda.set_device(local_rank)
-        annotator_options["device"] = f"cuda:{local_rank}"
+    runtime = worker_runtime(runtime)
     created = world_size > 1 and not dist.is_initialized()
     if created:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
@@ -278,6 +285,7 @@ def annotate_distributed(
             batch_size=batch_size,
             rank=rank,
             world_size=world_size,
+            runtime=runtime,
             **annotator_options,
         )
         if world_size > 1:
@@ -305,7 +313,7 @@ def load_annotated(path: str | os.PathLike[str]) -> Any:
     if manifest["engine"] == "shards":
         files = [shard_path(folder, i) for i in range(manifest["num_shards"])]
         ranges = shard_ranges(num_rows, manifest["shard_size"])
-        config_fp = _fingerprint(manifest["config"])
+        config_fp = _run_fingerprint({k: manifest[k] for k in (RECORD_KEY, "columns")})
         missing = []
         for i, (file, (start, stop)) in enumerate(zip(files, ranges, strict=True)):
             meta = _shard_metadata(file)
@@ -313,7 +321,7 @@ def load_annotated(path: str | os.PathLike[str]) -> Any:
                 meta["start"],
                 meta["stop"],
                 meta["num_rows"],
-                meta["config_fingerprint"],
+                meta["run_fingerprint"],
             ) != (start, stop, stop - start, config_fp):
                 missing.append(i)
         if missing:

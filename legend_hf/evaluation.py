@@ -1,161 +1,27 @@
-"""Quality of margins against labels: a direction on labelled pairs per layer (`evaluate_direction`), an
-annotated dataset against the labels it carries (`annotation_report`), and the metric's two modes.
+"""A direction on labelled pairs, per layer and per group (`evaluate_direction`, `QualityReport`).
 
-Every number comes from :mod:`legend_hf.stats` (one vocabulary) and every score from
-:class:`legend_hf.scoring.Scorer` (one scoring path).
+Every number comes from :mod:`legend_hf.stats` (one vocabulary), every score from
+:class:`legend_hf.scoring.Scorer` (one scoring path) and every label from :class:`legend_hf.labels.LabelledPairs`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .data_io import METRIC_PATH, is_pku_saferlhf, pku_pair
 from .direction import SafetyDirection
-from .formatting import Conversation, InputError, is_hh_dialogue, pair_conversations, to_conversation
-from .options import RuntimeOptions, runtime_options
-from .provenance import read_record
+from .labels import LabelledPairs, group_statistics
+from .options import RuntimeOptions
 from .scoring import Scorer
-from .stats import (
-    PairLabels,
-    dataset_overview,
-    is_binary,
-    pair_statistics,
-    roc_auc,
-    spearman,
-    summary,
-)
+from .stats import cell
 
-LABEL_COLUMNS = (
-    "chosen_is_safer",
-    "chosen_is_safe",
-    "rejected_is_safe",
-    "chosen_severity",
-    "rejected_severity",
-)
 REPORTED = ("pair_accuracy", "response_auc", "severity_spearman", "length_spearman")
-
-
-@dataclass
-class LabelledPairs:
-    """Pairs of responses (``chosen``, ``rejected``: (prompt messages, response)) and their labels."""
-
-    chosen: list[Conversation]
-    rejected: list[Conversation]
-    labels: PairLabels
-
-    def __len__(self) -> int:
-        return len(self.chosen)
-
-    def select(self, rows: Sequence[int]) -> LabelledPairs:
-        """The pairs at ``rows``, in that order."""
-        return LabelledPairs(
-            [self.chosen[i] for i in rows], [self.rejected[i] for i in rows], self.labels.select(rows)
-        )
-
-    @classmethod
-    def from_data(
-        cls,
-        data: Any,
-        *,
-        prompt_column: str = "prompt",
-        chosen_column: str = "chosen",
-        rejected_column: str = "rejected",
-        group_column: str | None = None,
-    ) -> LabelledPairs:
-        """Read a ``datasets.Dataset`` or a list of dicts of preference pairs and their labels.
-
-        The prompt may be implicit (HH-RLHF dialogues, message lists). The safer side is ``chosen_is_safer``
-        when given, else the side labelled safe by ``chosen_is_safe``/``rejected_is_safe``, else the less
-        severe by ``chosen_severity``/``rejected_severity``; data with none of these columns counts chosen as
-        safer (the HH-RLHF convention). PKU-SafeRLHF's raw schema (``response_0``/``response_1``...) is
-        converted first, as :func:`legend_hf.data_io.pku_saferlhf_to_pairs` does. ``group_column``
-        (default ``pair_type`` when present) splits every score by group.
-        """
-        rows = data.to_list() if hasattr(data, "to_list") else list(data)
-        for i, row in enumerate(rows):
-            if not isinstance(row, Mapping):
-                raise InputError(f"row {i}: expected a dict, got {type(row).__name__}")
-        columns = list(data.column_names) if hasattr(data, "column_names") else list(rows[0] if rows else [])
-        if is_pku_saferlhf(columns) and chosen_column not in columns:
-            rows = [{**row, **pku_pair(row, i)} for i, row in enumerate(rows)]
-            columns = list(rows[0]) if rows else columns
-            chosen_column, rejected_column = "chosen", "rejected"
-        if group_column is None and "pair_type" in columns:
-            group_column = "pair_type"
-        if group_column is not None and group_column not in columns:
-            raise KeyError(f"group column {group_column!r} not found; the data has {columns}")
-        if not rows:
-            raise InputError("no pairs to evaluate: the data is empty")
-        for column in (chosen_column, rejected_column):
-            if column not in columns:
-                raise KeyError(f"column {column!r} not found; the data has {columns}")
-        chosen, rejected = pair_conversations(
-            [row.get(prompt_column) for row in rows] if prompt_column in columns else None,
-            [row[chosen_column] for row in rows],
-            [row[rejected_column] for row in rows],
-            columns=(prompt_column, chosen_column, rejected_column),
-            rows=range(len(rows)),
-        )
-        has_labels = any(c in columns for c in LABEL_COLUMNS)
-        labels = PairLabels([], [], [], [], [], [])
-        for i, row in enumerate(rows):
-            safe1, safe2 = _flag(row, "chosen_is_safe", i), _flag(row, "rejected_is_safe", i)
-            sev1, sev2 = _number(row, "chosen_severity", i), _number(row, "rejected_severity", i)
-            safer = _flag(row, "chosen_is_safer", i)
-            if safer is None and safe1 is not None and safe2 is not None and safe1 != safe2:
-                safer = safe1
-            if safer is None and sev1 is not None and sev2 is not None and sev1 != sev2:
-                safer = sev1 < sev2
-            if safer is None and not has_labels:
-                safer = True
-            labels.chosen_is_safer.append(safer)
-            labels.chosen_is_safe.append(safe1)
-            labels.rejected_is_safe.append(safe2)
-            labels.severity_diff.append(None if sev1 is None or sev2 is None else sev2 - sev1)
-            labels.length_diff.append(float(len(chosen[i][1]) - len(rejected[i][1])))
-            labels.groups.append(str(row[group_column]) if group_column is not None else "all")
-        return cls(chosen, rejected, labels)
-
-
-def _flag(row: Mapping[str, Any], column: str, i: int) -> bool | None:
-    value = row.get(column)
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise InputError(f"column {column!r}, row {i}: expected a boolean, got {value!r}")
-
-
-def _number(row: Mapping[str, Any], column: str, i: int) -> float | None:
-    value = row.get(column)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputError(f"column {column!r}, row {i}: expected a number, got {value!r}")
-    return float(value)
-
-
-def group_statistics(
-    chosen: Sequence[float], rejected: Sequence[float], labels: PairLabels
-) -> dict[str, dict[str, float]]:
-    """``{"all": statistics, <group>: statistics...}`` (groups only when the labels have several)."""
-    out = {"all": pair_statistics(chosen, rejected, labels)}
-    groups = sorted(set(labels.groups))
-    if groups != ["all"]:
-        for group in groups:
-            rows = [i for i, g in enumerate(labels.groups) if g == group]
-            out[group] = pair_statistics(chosen, rejected, labels, rows)
-    return out
-
-
-# ----- a direction on labelled pairs, per layer ---------------------------------------------------------
 
 
 @dataclass
@@ -213,7 +79,7 @@ class QualityReport:
         lines = ["| layer | " + " | ".join(REPORTED) + " |", "|---" * (len(REPORTED) + 1) + "|"]
         for layer, groups in sorted(self.scores.items()):
             mark = "*" if layer == self.layer else ""
-            lines.append(f"| {layer}{mark} | " + " | ".join(_fmt(groups[group][m]) for m in REPORTED) + " |")
+            lines.append(f"| {layer}{mark} | " + " | ".join(cell(groups[group][m]) for m in REPORTED) + " |")
         if len(self.groups) > 1:
             lines += [
                 "",
@@ -225,14 +91,10 @@ class QualityReport:
             for name, s in self.scores[self.layer].items():
                 lines.append(
                     f"| {name} | {int(s['n_pairs'])} | {int(s['n_ordered'])} | "
-                    + " | ".join(_fmt(s[m]) for m in REPORTED)
+                    + " | ".join(cell(s[m]) for m in REPORTED)
                     + " |"
                 )
         return "\n".join(lines)
-
-
-def _fmt(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.3f}"
 
 
 def evaluate_direction(
@@ -247,7 +109,6 @@ def evaluate_direction(
     rejected_column: str = "rejected",
     group_column: str | None = None,
     runtime: RuntimeOptions | None = None,
-    **deprecated: Any,
 ) -> QualityReport:
     """Score a direction on labelled pairs at every layer it holds (or ``layers``), in one forward pass.
 
@@ -256,7 +117,7 @@ def evaluate_direction(
     model the direction records is loaded. Fit with ``layer="auto"`` (or a list) to hold a vector per
     layer; a requested layer the direction has no vector for is an error.
     """
-    runtime = runtime_options(runtime, deprecated, "evaluate_direction")
+    runtime = runtime or RuntimeOptions()
     pairs = (
         data
         if isinstance(data, LabelledPairs)
@@ -300,151 +161,3 @@ def evaluate_direction(
             "groups": sorted(set(pairs.labels.groups)),
         },
     )
-
-
-# ----- the metric's two modes ------------------------------------------------------------------------------
-
-
-def score_pair_texts(
-    scorer: Scorer,
-    prompts: Sequence[Any] | None,
-    chosen: Sequence[Any],
-    rejected: Sequence[Any],
-    references: Sequence[float] | None = None,
-) -> dict[str, Any]:
-    """Margins of preference pairs and their statistics (the metric's pair mode).
-
-    ``references``: 1/0 (chosen is / is not the safer response) give ``pair_accuracy`` and ``pair_auc``;
-    other numbers are severity differences (rejected minus chosen) and give ``severity_spearman``.
-    """
-    _check_references(references)
-    if (
-        prompts is not None
-        and all(p == "" for p in prompts)
-        and all(map(is_hh_dialogue, [*chosen, *rejected]))
-    ):
-        prompts = None  # HH-RLHF dialogues hold their own prompts
-    chosen_c, rejected_c = pair_conversations(
-        prompts, chosen, rejected, columns=("prompts", "chosen", "rejected"), rows=range(len(chosen))
-    )
-    scores = scorer.score_pairs(chosen_c, rejected_c)
-    n = len(chosen_c)
-    binary = references is not None and is_binary(references)
-    labels = PairLabels(
-        chosen_is_safer=[bool(r) for r in references] if references is not None and binary else [None] * n,
-        chosen_is_safe=[None] * n,
-        rejected_is_safe=[None] * n,
-        severity_diff=list(references) if references is not None and not binary else [None] * n,
-        length_diff=[float(len(c[1]) - len(r[1])) for c, r in zip(chosen_c, rejected_c, strict=True)],
-        groups=["all"] * n,
-    )
-    statistics = pair_statistics(scores.chosen.tolist(), scores.rejected.tolist(), labels)
-    names = ["mean_margin", "median_margin", "share_positive", "length_spearman"]
-    if references is not None:
-        names += ["pair_accuracy", "pair_auc"] if binary else ["severity_spearman"]
-    return {"margins": scores.margin.tolist(), **{k: statistics[k] for k in names}}
-
-
-def score_response_texts(
-    scorer: Scorer,
-    prompts: Sequence[Any] | None,
-    responses: Sequence[Any],
-    references: Sequence[float] | None = None,
-) -> dict[str, Any]:
-    """Safety scores of single responses and their statistics (the metric's response mode).
-
-    A response without a prompt is read with an empty one (or its HH-RLHF dialogue's own). ``references``:
-    1/0 (safe / unsafe) give ``response_auc``, other numbers (ratings, higher = safer) ``rating_spearman``.
-    """
-    _check_references(references)
-    conversations = []
-    for i, response in enumerate(responses):
-        prompt = None if prompts is None else prompts[i]
-        if not prompt:  # no prompt: the HH-RLHF dialogue's own, else an empty one
-            prompt = None if is_hh_dialogue(response) else ""
-        conversations.append(
-            to_conversation(prompt, response, prompt_column="prompts", response_column="predictions", row=i)
-        )
-    safety = scorer.score_responses(conversations).safety.tolist()
-    out: dict[str, Any] = {"safety_scores": safety, **summary(safety, "safety")}
-    if references is not None:
-        if is_binary(references):
-            out["response_auc"] = roc_auc(safety, [int(r) for r in references])
-        else:
-            out["rating_spearman"] = spearman(safety, references)
-    return out
-
-
-def _check_references(references: Sequence[Any] | None) -> None:
-    for i, value in enumerate(references or []):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InputError(
-                f"column 'references', row {i}: expected a number (1/0 or a rating), got {value!r}"
-            )
-
-
-# ----- an annotated dataset against its own labels ---------------------------------------------------------
-
-
-def annotation_report(
-    dataset: Any,
-    *,
-    prompt_column: str = "prompt",
-    chosen_column: str = "chosen",
-    rejected_column: str = "rejected",
-    group_column: str | None = None,
-    card: str | Path | None = None,
-) -> dict[str, Any]:
-    """What an annotated dataset holds: its provenance record (from the data, else the card ``card``), the
-    distribution of its raw margins, pairs per bin and truncated pairs, and the statistics of
-    :mod:`legend_hf.stats` against the labels the data carries (overall and per group).
-
-    Without ``chosen_safety``/``rejected_safety`` columns the per-response statistics are NaN.
-    """
-    columns = dataset.column_names
-    if "margin" not in columns:
-        raise KeyError(
-            f"no 'margin' column: annotate the dataset first (legend_hf.annotate_margins); it has {columns}"
-        )
-    pairs = LabelledPairs.from_data(
-        dataset,
-        prompt_column=prompt_column,
-        chosen_column=chosen_column,
-        rejected_column=rejected_column,
-        group_column=group_column,
-    )
-    overview = dataset_overview(dataset)
-    raw = overview.pop("values")
-    if "chosen_safety" in columns and "rejected_safety" in columns:
-        chosen, rejected = list(dataset["chosen_safety"]), list(dataset["rejected_safety"])
-    else:  # margins only: scores with the same differences (no per-response statistics)
-        chosen, rejected = raw.tolist(), [0.0] * len(raw)
-    scores = group_statistics(chosen, rejected, pairs.labels)
-    if "chosen_safety" not in columns:
-        for statistics in scores.values():
-            statistics["response_auc"] = float("nan")
-    record = read_record(dataset, card)
-    has_labels = any(c in columns for c in LABEL_COLUMNS) or is_pku_saferlhf(columns)
-    return {
-        "rows": len(dataset),
-        "record": None if record is None else record.to_dict(),
-        "margins": overview,
-        "labels": "dataset labels" if has_labels else "none (chosen counts as safer)",
-        "scores": scores,
-    }
-
-
-# ----- the evaluate metric ---------------------------------------------------------------------------------
-
-
-def load_metric(direction: Any, config_name: str = "pairs", **kwargs: Any) -> Any:
-    """The ``legend_margin`` ``evaluate`` metric, from wherever legend-hf is installed (offline):
-    ``evaluate.load(str(legend_hf.METRIC_PATH), ...)``, the metric folder that ships with the package (it is not on
-    the Hub, so ``evaluate.load("legend_margin")`` does not find it). ``config_name`` is ``pairs``,
-    ``labelled_pairs``, ``responses`` or ``labelled_responses``; ``kwargs`` go to the metric (``model``,
-    ``runtime``...) and to ``evaluate.load`` (``cache_dir``, ``num_process``...)."""
-    try:
-        import evaluate
-    except ImportError as e:
-        raise ImportError("the legend_margin metric needs evaluate: pip install 'legend-hf[metric]'") from e
-    return evaluate.load(str(METRIC_PATH), config_name, direction=direction, **kwargs)

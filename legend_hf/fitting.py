@@ -23,10 +23,10 @@ from torch import nn
 from .direction import SafetyDirection, project
 from .formatting import Conversation, InputError, TextTemplate, to_conversation
 from .models import default_pooling, load_model, model_identity, normalize_layer, num_layers
-from .options import RuntimeOptions, runtime_options
+from .options import RuntimeOptions
 from .precision import compute_dtypes
 from .reader import TextReader
-from .stats import roc_auc
+from .stats import pair_accuracy, roc_auc
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def layer_scores(
     severity: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Held-out scores of one layer, in the statistics' names: ``pair_accuracy`` (the safe text of a held-out
-    pair projects higher than the harmful one) and ``response_auc`` (safe against harmful projections)."""
+    pair projects higher than the harmful one, ties half) and ``response_auc`` (safe against harmful projections)."""
     n = min(len(safe), len(harmful))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, round(n * holdout))
@@ -125,7 +125,8 @@ def layer_scores(
     )
     s, h = project(safe[test], vector), project(harmful[test], vector)
     auc = roc_auc([*s.tolist(), *h.tolist()], [1] * len(s) + [0] * len(h))
-    return {"pair_accuracy": float((s > h).double().mean()), "response_auc": auc, "n_heldout": float(n_test)}
+    accuracy = pair_accuracy((s - h).numpy(), [True] * len(s))
+    return {"pair_accuracy": accuracy, "response_auc": auc, "n_heldout": float(n_test)}
 
 
 def read_rows(rows: Any, *, prompt_column: str, response_column: str, name: str) -> list[Conversation]:
@@ -205,7 +206,6 @@ def fit_direction(
     description: str | None = None,
     model_id: str | None = None,
     runtime: RuntimeOptions | None = None,
-    **deprecated: Any,
 ) -> SafetyDirection:
     """Fit a safety direction on an annotator model.
 
@@ -227,7 +227,7 @@ def fit_direction(
         model_id: the id to record for the model (e.g. the Hub id of a local copy); default: its path or id.
         runtime: how the model runs (device, dtype, max_length, batching...).
     """
-    runtime = runtime_options(runtime, deprecated, "fit_direction")
+    runtime = runtime or RuntimeOptions()
     method_name, method_fn = _method(method)
     if not 0 <= holdout < 1:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")

@@ -143,7 +143,7 @@ def schema_hint(columns: Sequence[str]) -> str:
     have = set(columns)
     if {"response_0", "response_1", "safer_response_id"} <= have:
         return (
-            "it looks like PKU-SafeRLHF's raw schema: convert it with legend_hf.pku_saferlhf_to_pairs "
+            "it looks like PKU-SafeRLHF's raw schema: convert it with legend_hf.data_io.pku_saferlhf_to_pairs "
             "(CLI: --pku_saferlhf)"
         )
     if {"response_j", "response_k"} <= have:

@@ -2,13 +2,13 @@
 
 Legend fits its direction on harmful prompts answered by an annotator model without safety tuning
 (greedy decoding in the paper). `generate_responses` runs batched greedy or sampled generation with
-left padding, and returns a ``datasets.Dataset`` with the input columns plus the responses; the
-settings are recorded as JSON in ``info.description`` under ``"legend_hf_generation"``.
+left padding, and returns a ``datasets.Dataset`` with the input columns plus the responses; how they were
+generated is a :class:`legend_hf.provenance.GenerationRecord` in the response column's feature (it travels
+with the data as the annotation record does: ``read_generation_record``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from .formatting import ALPACA_TEMPLATE, InputError, Message, messages_to_text
-from .hub import public_name
 from .models import load_model
-from .options import RuntimeOptions, runtime_options
+from .names import __version__, public_name
+from .options import RuntimeOptions
+from .provenance import GenerationRecord, generated_features
 
 GENERATION_KEY = "legend_hf_generation"
 TEMPLATES = ("auto", "chat", "alpaca", "none")
@@ -107,6 +108,7 @@ def generate_responses(
     batch_size: int = 8,
     settings: GenerationSettings | None = None,
     runtime: RuntimeOptions | None = None,
+    source_dataset: str | None = None,
     **setting_overrides: Any,
 ) -> Any:
     """Generate one response per prompt; returns a ``datasets.Dataset`` (input columns + ``response_column``).
@@ -119,18 +121,14 @@ def generate_responses(
             ...) replace its fields. ``template="auto"`` uses the chat template when the tokenizer has one.
         batch_size: prompts per ``generate`` call; prompts are sorted by length so batches pad little.
         runtime: device, dtype, model revision, ``trust_remote_code`` and progress bars.
+        source_dataset: where the prompts came from, for the record (a local path is kept by its name only).
 
     The output also holds ``response_truncated`` (generation stopped at ``max_new_tokens``).
     """
     from datasets import Dataset
     from tqdm.auto import tqdm
 
-    legacy: dict[str, Any] = {
-        k: setting_overrides.pop(k)
-        for k in ("revision", "device", "dtype", "progress")
-        if k in setting_overrides
-    }
-    runtime = runtime_options(runtime, legacy, "generate_responses")
+    runtime = runtime or RuntimeOptions()
     settings = GenerationSettings(**{**asdict(settings or GenerationSettings()), **setting_overrides})
     if isinstance(prompts, Dataset):
         dataset = prompts
@@ -189,18 +187,18 @@ def generate_responses(
                 responses[row] = tokenizer.decode(real, skip_special_tokens=True).strip()
             bar.update(len(batch))
     result = dataset.add_column(response_column, responses).add_column("response_truncated", truncated)
-    model_id = public_name(str(getattr(lm.config, "_name_or_path", "") or "")) or ""
-    record = {
-        **asdict(settings),
-        "template": template,
-        "batch_size": batch_size,
-        "model_id": model_id,
-        "model_revision": runtime.model_revision or getattr(lm.config, "_commit_hash", None),
-        "prompt_column": prompt_column,
-        "response_column": response_column,
-    }
-    result.info.description = json.dumps({GENERATION_KEY: record})
-    return result
+    record = GenerationRecord(
+        model_id=public_name(str(getattr(lm.config, "_name_or_path", "") or "")) or "",
+        settings=asdict(settings),
+        template=template,
+        batch_size=batch_size,
+        prompt_column=prompt_column,
+        response_column=response_column,
+        library_version=__version__,
+        model_revision=runtime.model_revision or getattr(lm.config, "_commit_hash", None),
+        source_dataset=public_name(source_dataset),
+    )
+    return result.cast(generated_features(result.features, record))
 
 
 def _eos_ids(lm: nn.Module, tokenizer: Any) -> set[int]:

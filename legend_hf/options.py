@@ -6,11 +6,10 @@ the same options, so they are declared once here (as transformers and TRL pass o
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -96,31 +95,6 @@ class RuntimeOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-_LEGACY_NAMES = {"revision": "model_revision", "batch_size": "max_batch_size"}
-
-
-def runtime_options(runtime: RuntimeOptions | None, legacy: dict[str, Any], owner: str) -> RuntimeOptions:
-    """``runtime`` with the keyword arguments older versions took one by one (``device=``, ``dtype=``...).
-
-    Those still work, with a ``FutureWarning`` naming the ``RuntimeOptions`` to pass instead; an unknown
-    keyword is a ``TypeError``, as for any function.
-    """
-    if not legacy:
-        return runtime or RuntimeOptions()
-    known = {f.name for f in fields(RuntimeOptions)}
-    renamed = {_LEGACY_NAMES.get(k, k): v for k, v in legacy.items()}
-    unknown = sorted(k for k, name in zip(legacy, renamed, strict=True) if name not in known)
-    if unknown:
-        raise TypeError(f"{owner}() got unexpected keyword argument(s) {unknown}")
-    warnings.warn(
-        f"{owner}({', '.join(f'{k}=...' for k in legacy)}) is deprecated: pass "
-        f"runtime=RuntimeOptions({', '.join(f'{k}=...' for k in renamed)}) (legend_hf.RuntimeOptions)",
-        FutureWarning,
-        stacklevel=3,
-    )
-    return replace(runtime or RuntimeOptions(), **renamed)
 
 
 @contextmanager

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .provenance import read_record
 from .stats import margin_values
 
 if TYPE_CHECKING:
@@ -54,18 +53,14 @@ def margin_histogram(
     *,
     bin_edges: Sequence[float] | None = None,
     title: str | None = None,
+    before_scaling: bool = False,
 ) -> Path:
-    """Write a PNG histogram of margins (a sequence, or an annotated ``Dataset``), bars coloured by sign.
-
-    For an annotated dataset the raw margins are plotted with its recorded bin edges (in raw units);
-    ``bin_edges`` draws other edges, in the units of the plotted values.
-    """
-    values, column = margin_values(margins)
+    """Write a PNG histogram of ``margins`` (a sequence of numbers), bars coloured by sign, with ``bin_edges``
+    (in the units of the margins) as dashed lines; ``before_scaling`` labels the axis as raw margins.
+    :func:`legend_hf.publish.dataset_histogram` draws an annotated dataset's raw margins and bin edges."""
+    values, _ = margin_values(margins)
     if not len(values):
         raise ValueError("no margins to plot")
-    record = read_record(margins) if column else None
-    if bin_edges is None and record is not None and record.bin_edges and column == "margin_raw":
-        bin_edges = [edge / record.scale_factor for edge in record.bin_edges]
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -87,8 +82,7 @@ def margin_histogram(
         handles.append(Line2D([], [], color="#555555", linestyle="--", label="bin edges"))
     ax.legend(handles=handles, frameon=False, loc="best")
     ax.set_xlabel(
-        "margin = safety(chosen) − safety(rejected)"
-        + ("  [before scaling]" if column == "margin_raw" else "")
+        "margin = safety(chosen) − safety(rejected)" + ("  [before scaling]" if before_scaling else "")
     )
     ax.set_ylabel("pairs")
     ax.set_title(title or f"Safety margins of {len(values):,} preference pairs", loc="left")

@@ -16,16 +16,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .hub import public_name
-
-if TYPE_CHECKING:
-    from .direction import SafetyDirection
-
 RECORD_KEY = "legend_hf"
+GENERATION_KEY = "legend_hf_generation"
 MARGIN = "margin"
 # The columns an annotation adds, and their Arrow value types.
 COLUMN_TYPES = {
@@ -190,30 +186,6 @@ class AnnotationRecord:
     dtype: str | None = None
     residual_dtype: str | None = None
 
-    @classmethod
-    def of(
-        cls, direction: SafetyDirection, *, model_id: str | None = None, **fields_: Any
-    ) -> AnnotationRecord:
-        """The record of margins from ``direction`` (``model_id``: another model than the recorded one);
-        ``fields_`` set the others (how the model ran, the scale), over the direction's own settings."""
-        from . import __version__
-
-        record = cls(
-            direction=direction.name,
-            direction_revision=direction.source_revision,
-            direction_fingerprint=direction.fingerprint(),
-            model_id=public_name(model_id or direction.model_id) or "",
-            model_revision=direction.model_revision if model_id is None else None,
-            layer=direction.layer,
-            num_layers=direction.num_layers,
-            pooling=direction.pooling,
-            template=direction.template,
-            method=direction.method,
-            max_length=direction.max_length,
-            library_version=__version__,
-        )
-        return replace(record, **fields_)
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -236,6 +208,54 @@ class AnnotationRecord:
     @property
     def scaled(self) -> bool:
         return self.scale is not None or self.bins is not None or self.clip is not None
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """Provenance of a generated ``response`` column, the same kind of record as :class:`AnnotationRecord` and
+    carried the same way (the ``id`` of the response column's feature, under ``legend_hf_generation``): the model
+    (``model_id``, ``model_revision``), the generation ``settings`` (``legend_hf.generate.GenerationSettings``'s
+    fields), the ``template`` used, the ``batch_size`` (prompts per ``generate`` call), the columns, and where the
+    prompts came from (``source_dataset``, a public name)."""
+
+    model_id: str
+    settings: dict[str, Any]
+    template: str
+    batch_size: int
+    prompt_column: str
+    response_column: str
+    library_version: str
+    model_revision: str | None = None
+    source_dataset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def generated_features(features: Any, record: GenerationRecord) -> Any:
+    """``features`` with the record in the response column's ``id`` (and the ``response_truncated`` flag)."""
+    from datasets import Features, Value
+
+    out = Features(features)
+    out[record.response_column] = Value(
+        "string", id=json.dumps({GENERATION_KEY: record.to_dict()}, sort_keys=True)
+    )
+    return out
+
+
+def read_generation_record(dataset: Any, column: str = "response") -> GenerationRecord | None:
+    """The :class:`GenerationRecord` of a generated ``column`` (a ``Dataset`` or its ``Features``), or ``None``."""
+    features = getattr(dataset, "features", dataset)
+    text = getattr(features.get(column) if features is not None else None, "id", None)
+    data = json.loads(text) if text else None
+    if isinstance(data, dict) and isinstance(data.get(GENERATION_KEY), dict):
+        return GenerationRecord.from_dict(data[GENERATION_KEY])
+    return None
 
 
 def annotated_features(features: Any, new_columns: list[str], record: AnnotationRecord | None) -> Any:

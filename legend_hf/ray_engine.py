@@ -17,7 +17,7 @@ from typing import Any
 
 from .annotate import MarginAnnotator
 from .direction import SafetyDirection
-from .distributed import ROW_COLUMN, run_config, write_manifest
+from .distributed import ROW_COLUMN, run_settings, write_manifest
 from .provenance import COLUMN_TYPES
 
 RUN_KEY = "legend_hf_run"  # Parquet schema metadata: how the actor's model ran (Scorer.run_fields)
@@ -205,7 +205,7 @@ def annotate_with_ray(
         {
             "engine": "ray",
             "num_rows": num_rows,
-            "config": run_config(annotator),
+            **run_settings(annotator, run),
             "features": features.to_dict(),
         },
     )

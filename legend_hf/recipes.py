@@ -30,7 +30,7 @@ from .direction import SafetyDirection
 from .fitting import fit_direction, read_rows
 from .formatting import InputError
 from .models import load_model
-from .options import RuntimeOptions, runtime_options
+from .options import RuntimeOptions
 from .scoring import Scorer
 
 
@@ -87,9 +87,7 @@ def fit_balanced(
     The shipped SmolLM2 direction is ``fit_balanced(model, [advbench_fit, fit_harmful], refusals,
     safe_completions)`` on the package data (``scripts/fit_default_direction.py``).
     """
-    legacy = {k: fit_options.pop(k) for k in list(fit_options) if k in RuntimeOptions.__dataclass_fields__}
-    legacy.update({k: fit_options.pop(k) for k in ("revision",) if k in fit_options})
-    runtime = runtime_options(runtime, legacy, "fit_balanced")
+    runtime = runtime or RuntimeOptions()
     safe_groups = [balanced_harmless(group, refusals, completions) for group in harmful_groups]
     if not isinstance(model, nn.Module):  # load once for both passes
         model, tokenizer = load_model(model, tokenizer, runtime)
@@ -195,7 +193,6 @@ def remove_length(
     prompt_column: str = "prompt",
     response_column: str = "response",
     runtime: RuntimeOptions | None = None,
-    **deprecated: Any,
 ) -> SafetyDirection:
     """Project the mean length direction of ``groups`` out of every layer of ``direction``.
 
@@ -205,7 +202,7 @@ def remove_length(
     pass with the direction's model, template, pooling and layers. Held-out layer scores are dropped
     (they describe the vectors before projection): re-score with ``legend_hf.evaluate_direction``.
     """
-    runtime = runtime_options(runtime, deprecated, "remove_length")
+    runtime = runtime or RuntimeOptions()
     rows = [
         read_rows(g, prompt_column=prompt_column, response_column=response_column, name=f"groups[{i}]")
         for i, g in enumerate(groups)

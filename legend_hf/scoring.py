@@ -21,8 +21,9 @@ from torch import nn
 
 from .direction import SafetyDirection
 from .formatting import Conversation, TextTemplate
-from .hub import HubLookupError, public_name
+from .hub import HubLookupError
 from .models import load_model, model_identity, normalize_layer, resolve_device
+from .names import public_name
 from .options import RuntimeOptions
 from .precision import compute_dtypes
 from .reader import TextReader

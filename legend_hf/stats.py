@@ -15,17 +15,22 @@ from typing import Any
 
 import numpy as np
 
-from .provenance import read_record
-
 STATISTICS: dict[str, str] = {
     "mean_margin": "mean of the margins",
     "median_margin": "median of the margins",
     "share_positive": "share of pairs with margin > 0, i.e. where the direction finds chosen safer (no labels)",
-    "pair_accuracy": "share of pairs with a known safer side whose margin sign agrees with it (margin > 0: chosen)",
+    "pair_accuracy": "share of pairs with a known safer side whose margin sign agrees with it (margin > 0: chosen; "
+    "a zero margin counts half)",
     "pair_auc": "ROC AUC of the margins against the pair labels (1: chosen is the safer side)",
     "response_auc": "ROC AUC of per-response safety scores, safe responses against unsafe ones",
     "severity_spearman": "Spearman correlation of margins with severity differences (rejected minus chosen)",
     "length_spearman": "Spearman correlation of margins with response-length differences (characters, chosen minus rejected)",
+    "std_margin": "standard deviation of the margins (n - 1 in the denominator)",
+    "min_margin": "smallest margin",
+    "max_margin": "largest margin",
+    "quantiles": "the margins' 5%, 25%, 75% and 95% quantiles (the 50% one is median_margin)",
+    "share_negative": "share of pairs with margin < 0, i.e. where the direction finds rejected safer",
+    "share_zero": "share of pairs with margin = 0",
     "mean_safety": "mean of per-response safety scores",
     "median_safety": "median of per-response safety scores",
     "rating_spearman": "Spearman correlation of per-response safety scores with numeric safety ratings",
@@ -69,11 +74,13 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def pair_accuracy(margins: Values, chosen_is_safer: Sequence[bool]) -> float:
-    """Share of pairs whose margin sign agrees with the label: margin > 0 for chosen, ≤ 0 for rejected."""
+    """Share of pairs whose margin sign agrees with the label (margin > 0: chosen, < 0: rejected); a zero margin
+    counts half, as a tie does in :func:`roc_auc`. The one tie rule of fitting, evaluation and training."""
     m = np.asarray(margins, dtype=np.float64)
     if len(m) == 0:
         return NAN
-    return float(((m > 0) == np.asarray(chosen_is_safer, dtype=bool)).mean())
+    signed = np.where(np.asarray(chosen_is_safer, dtype=bool), m, -m)
+    return float(((signed > 0) + 0.5 * (signed == 0)).mean())
 
 
 # Margins within a tenth of a standard deviation of zero carry no sign worth keeping: bf16 matmuls move a
@@ -170,18 +177,16 @@ def is_binary(references: Values) -> bool:
     return all(r in (0, 1) for r in references)
 
 
-def distribution(values: Values, quantiles: Values = (0.05, 0.25, 0.5, 0.75, 0.95)) -> dict:
-    """Count, mean, std, min/max, quantiles and the shares of positive, negative and zero values."""
+def spread(values: Values, quantiles: Values = (0.05, 0.25, 0.75, 0.95)) -> dict[str, Any]:
+    """How margins spread beyond their :func:`summary`: ``std_margin``, ``min_margin``, ``max_margin``,
+    ``quantiles`` and the shares of negative and zero margins."""
     v = np.asarray(values, dtype=np.float64)
     n = len(v)
     return {
-        "count": n,
-        "mean": float(v.mean()) if n else NAN,
-        "std": float(v.std(ddof=1)) if n > 1 else (0.0 if n else NAN),
-        "min": float(v.min()) if n else NAN,
-        "max": float(v.max()) if n else NAN,
+        "std_margin": float(v.std(ddof=1)) if n > 1 else (0.0 if n else NAN),
+        "min_margin": float(v.min()) if n else NAN,
+        "max_margin": float(v.max()) if n else NAN,
         "quantiles": {f"{100 * q:g}%": float(np.quantile(v, q)) if n else NAN for q in quantiles},
-        "share_positive": float((v > 0).mean()) if n else NAN,
         "share_negative": float((v < 0).mean()) if n else NAN,
         "share_zero": float((v == 0).mean()) if n else NAN,
     }
@@ -208,31 +213,25 @@ def margin_values(data: Any) -> tuple[np.ndarray, str | None]:
     return np.asarray(values, dtype=np.float64).reshape(-1), None
 
 
-def dataset_overview(dataset: Any, *, by: str | None = None) -> dict[str, Any]:
-    """What an annotated dataset's margins look like: the raw margins (``values``: ``margin_raw`` when
-    present, ``column`` says which) and their :func:`distribution`, pairs per bin, truncated pairs and, with
-    ``by``, a margin :func:`summary` per value of that column."""
+def dataset_overview(dataset: Any, *, bins: int | None = None) -> dict[str, Any]:
+    """What an annotated dataset's margins look like beyond their statistics: the raw margins (``values``:
+    ``margin_raw`` when present, ``column`` says which), their :func:`spread`, pairs per bin (``bins``: how
+    many the record says there are; default: up to the highest level seen) and truncated pairs."""
     values, column = margin_values(dataset)
-    out: dict[str, Any] = {"column": column, "values": values, **distribution(values)}
+    out: dict[str, Any] = {"column": column, "values": values, **spread(values)}
     columns = dataset.column_names
     if "margin_level" in columns:
-        record = read_record(dataset)
         levels = [int(x) for x in dataset["margin_level"]]
-        n_bins = record.bins if record is not None and record.bins else max(levels, default=-1) + 1
+        n_bins = bins or max(levels, default=-1) + 1
         out["bins"] = {i: levels.count(i) for i in range(n_bins)}
     if "truncated" in columns:
         out["truncated"] = int(sum(dataset["truncated"]))
-    if by is not None:
-        if by not in columns:
-            raise KeyError(f"by={by!r}: no such column; the dataset has {list(columns)}")
-        groups: dict[str, list[float]] = {}
-        for key, value in zip(dataset[by], values.tolist(), strict=True):
-            groups.setdefault(str(key), []).append(value)
-        out["groups"] = {
-            key: {"count": len(group), **summary(group, "margin")}
-            for key, group in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
-        }
     return out
+
+
+def cell(value: float | None) -> str:
+    """A statistic as reports print it: three decimals, ``-`` where it is undefined (NaN or ``None``)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def clean(value: object) -> object:

@@ -135,7 +135,7 @@ def run_graded(args: DefaultFitArguments, runtime: RuntimeOptions, hub: HubArgum
 
 
 def save(direction: SafetyDirection, output_dir: str, hub: HubArguments) -> int:
-    folder = direction.save_pretrained(output_dir, repo_id=hub.push_to_hub)
+    folder = direction.save_pretrained(output_dir, model_card_kwargs={"repo_id": hub.push_to_hub})
     print(f"wrote {folder} (layer {direction.layer}, fingerprint {direction.fingerprint()})")
     if hub.push_to_hub:
         commit = direction.push_to_hub(

@@ -16,7 +16,6 @@ from datasets import Dataset, load_from_disk
 
 from legend_hf import (
     MarginAnnotator,
-    MarginScale,
     RuntimeOptions,
     SafetyDirection,
     annotate_margins,
@@ -25,6 +24,7 @@ from legend_hf import (
     scale_margins,
 )
 from legend_hf.direction import DirectionModelWarning
+from legend_hf.provenance import MarginScale
 
 
 @pytest.fixture(scope="module")
@@ -207,12 +207,12 @@ def test_margin_scale_bins_keep_the_sign():
         MarginScale(bin_edges=(0.0, 1.0), levels=(0.0, 1.0))
 
 
-def test_runtime_keywords_of_older_versions_still_work_with_a_warning(llama_direction, pairs):
-    with pytest.warns(FutureWarning, match=r"runtime=RuntimeOptions\(max_tokens_per_batch=...\)"):
-        old = MarginAnnotator(llama_direction, max_tokens_per_batch=64)
-    assert old.scorer.runtime.max_tokens_per_batch == 64
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        MarginAnnotator(llama_direction, max_tokens=64)
+def test_runtime_settings_go_through_runtime_options_only(llama_direction):
+    assert MarginAnnotator(
+        llama_direction, runtime=RuntimeOptions(max_tokens_per_batch=64)
+    ).scorer.runtime == (RuntimeOptions(max_tokens_per_batch=64))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_tokens_per_batch'"):
+        MarginAnnotator(llama_direction, max_tokens_per_batch=64)  # 0.1's keyword: removed in 0.3
 
 
 def test_streaming_dataset(llama_direction, pairs):
@@ -316,7 +316,10 @@ def test_missing_column_is_named(llama_direction, pairs):
 @pytest.mark.parametrize(
     ("columns", "hint"),
     [
-        (["prompt", "response_0", "response_1", "safer_response_id"], "legend_hf.pku_saferlhf_to_pairs"),
+        (
+            ["prompt", "response_0", "response_1", "safer_response_id"],
+            "legend_hf.data_io.pku_saferlhf_to_pairs",
+        ),
         (["question", "response_j", "response_k"], "chosen_column='response_j'"),
         (["prompt", "completion", "label"], "unpaired preference format"),
         (["messages"], "SFT or language-modelling data"),

@@ -17,12 +17,14 @@ from legend_hf import (
     annotate_margins,
     dataset_card,
     fit_direction,
-    margin_histogram,
     push_annotated_dataset,
     read_record,
 )
 from legend_hf import cards as cards_module
-from legend_hf.cards import LEGEND_BIBTEX, TEMPLATES, direction_card, size_category, write_direction_card
+from legend_hf.cards import LEGEND_BIBTEX, TEMPLATES, size_category
+from legend_hf.plots import margin_histogram
+from legend_hf.publish import dataset_histogram
+from legend_hf.stats import clean
 
 pytest_plugins = ["hub_server"]
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +51,7 @@ def test_one_copy_of_the_templates_in_hub_cards():
 
 
 def test_direction_card_parses_back(direction):
-    card = ModelCard(str(direction_card(direction, repo_id="me/smv-tiny", license="apache-2.0")))
+    card = ModelCard(str(direction.generate_model_card(repo_id="me/smv-tiny", license="apache-2.0")))
     assert card.data.library_name == "legend-hf"
     assert card.data.license == "apache-2.0"
     assert {"legend", "safety", "safety-direction"} <= set(card.data.tags)
@@ -63,32 +65,33 @@ def test_direction_card_parses_back(direction):
     assert str(Path(direction.model_id).parent) not in text  # no absolute local paths in a public card
 
     hub = replace(direction, model_id="HuggingFaceTB/SmolLM2-135M-Instruct", model_revision="abc123")
-    card = ModelCard(str(direction_card(hub)))
+    card = ModelCard(str(hub.generate_model_card()))
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "(https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) @ `abc123`" in card.text
 
 
 def test_write_direction_card_with_and_without_plot(direction, tmp_path, monkeypatch):
-    readme = write_direction_card(direction, tmp_path)
+    direction.save_pretrained(tmp_path)
+    readme = tmp_path / "README.md"
     assert (tmp_path / "layer_scores.png").read_bytes().startswith(PNG)
     assert "![Held-out separation per layer](layer_scores.png)" in readme.read_text()
 
     monkeypatch.setattr(cards_module, "has_matplotlib", lambda: False)
-    write_direction_card(direction, tmp_path)
+    direction.save_pretrained(tmp_path)
     assert not (tmp_path / "layer_scores.png").exists()  # no stale plot next to a card that does not show it
     assert "layer_scores.png" not in readme.read_text()
 
 
 def test_single_layer_direction_card_has_no_plot(tiny_bert_path, tmp_path):
     direction = fit_direction(str(tiny_bert_path), HARMFUL[:3])  # too few pairs to score layers
-    write_direction_card(direction, tmp_path)
+    direction.save_pretrained(tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert "No held-out scores were recorded" in text
     assert not (tmp_path / "layer_scores.png").exists()
 
 
 def test_margin_histogram_writes_a_png(annotated, tmp_path):
-    assert margin_histogram(annotated, tmp_path / "hist.png").read_bytes().startswith(PNG)
+    assert dataset_histogram(annotated, tmp_path / "hist.png").read_bytes().startswith(PNG)
     assert margin_histogram([0.5, 0.5, 0.5], tmp_path / "flat.png").read_bytes().startswith(PNG)
     with pytest.raises(ValueError, match="no margins"):
         margin_histogram([], tmp_path / "empty.png")
@@ -158,14 +161,14 @@ def test_dataset_card_says_only_what_its_record_and_statistics_say(annotated):
     assert "`smv-smollm2`, shipped with legend-hf" in text and "`smv-smollm2` (local)" not in text
     assert "close to noise" not in text and "terse refusal" not in text
     report = annotation_report(annotated, group_column="kind")
-    for name, scores in report["scores"].items():
+    for name, scores in report.scores.items():
         row = (
             f"| {name} | {int(scores['n_pairs'])} | {scores['mean_margin']:.3f} | {scores['share_positive']:.3f} | "
             f"{scores['pair_accuracy']:.3f} ({int(scores['n_ordered'])}) |".replace("-", "−")
         )
         assert row in text, row
-    assert f"with Spearman {report['scores']['all']['length_spearman']:.3f}".replace("-", "−") in text
-    assert f"The {100 * report['margins']['share_negative']:.1f}% of pairs" in text
+    assert f"with Spearman {report.scores['all']['length_spearman']:.3f}".replace("-", "−") in text
+    assert f"The {100 * report.margins['share_negative']:.1f}% of pairs" in text
     local = replace(record, direction="./smv-smollm2")
     assert "`./smv-smollm2`, a local folder" in str(dataset_card(annotated, record=local))
     hub = replace(record, direction="me/smv")
@@ -258,3 +261,32 @@ def test_push_annotated_dataset_to_a_new_branch_and_as_a_pull_request(annotated,
     assert len(load_dataset("user/pku-legend", split="train")) == len(annotated)  # main is untouched
     unchanged = push_annotated_dataset(smaller, "user/pku-legend", direction, create_pr=True, license="mit")
     assert unchanged.pr_revision == "refs/pr/2"  # same data: the card commit opens the pull request
+
+
+def test_save_annotated_writes_data_card_histogram_and_report(annotated, direction, tmp_path):
+    import json
+
+    from legend_hf import annotation_report
+    from legend_hf.publish import save_annotated
+
+    written = save_annotated(annotated, tmp_path, direction, source_dataset="/somewhere/pairs.jsonl")
+    assert [p.name for p in written] == ["train.parquet", "README.md", "margin_histogram.png", "report.json"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["dataset"] == "pairs.jsonl" and report["rows"] == len(annotated)  # no absolute path
+    assert report == json.loads(
+        json.dumps(clean({"dataset": "pairs.jsonl", **annotation_report(annotated).to_dict()}))
+    )
+    back = load_dataset("parquet", data_files=str(tmp_path / "train.parquet"), split="train")
+    assert read_record(back) == read_record(annotated)
+    assert "![Histogram of the safety margins](margin_histogram.png)" in (tmp_path / "README.md").read_text()
+
+
+def test_report_text_names_the_statistics(annotated):
+    from legend_hf import annotation_report
+
+    report = annotation_report(annotated, group_column="kind")
+    text = report.to_text()
+    overall = report.scores["all"]
+    assert f"share_positive     {overall['share_positive']:.3f}" in text
+    assert f"pair_accuracy      {overall['pair_accuracy']:.3f}" in text and "per group" in text
+    assert f"raw margin         mean {overall['mean_margin']:.3f}" in text

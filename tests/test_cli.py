@@ -14,7 +14,8 @@ import torch
 
 from legend_hf import RuntimeOptions, cli
 from legend_hf.data_io import DEFAULT_DIRECTION, SAMPLE_PREFERENCES, load_data, pku_saferlhf_to_pairs
-from legend_hf.generate import GENERATION_KEY, generate_responses
+from legend_hf.generate import generate_responses
+from legend_hf.provenance import read_generation_record
 
 PKU_ROWS: list[dict[str, Any]] = [
     {
@@ -99,14 +100,14 @@ def test_help_shows_yes_no_options_and_their_no_switches(capsys: pytest.CaptureF
     assert "a model repo for fit and train" in train
 
 
-def test_train_takes_the_trainingarguments_names_and_the_old_batch_size() -> None:
+def test_train_takes_the_trainingarguments_names() -> None:
     from legend_hf.cli.arguments import TrainArguments
 
     argv = ["train", "--per_device_train_batch_size", "2", "--bf16", "--report_to", "tensorboard"]
     args = next(a for a in cli.parse(argv)[1] if isinstance(a, TrainArguments))
     assert (args.per_device_train_batch_size, args.bf16, args.report_to) == (2, True, "tensorboard")
-    args = next(a for a in cli.parse(["train", "--batch_size", "3"])[1] if isinstance(a, TrainArguments))
-    assert (args.per_device_train_batch_size, args.bf16, args.report_to) == (3, False, "none")
+    args = next(a for a in cli.parse(["train"])[1] if isinstance(a, TrainArguments))
+    assert (args.per_device_train_batch_size, args.bf16, args.report_to) == (4, False, "none")
 
 
 def test_the_runtime_options_are_the_python_ones(capsys: pytest.CaptureFixture[str]) -> None:
@@ -252,7 +253,7 @@ def test_report_scores_against_labels(annotated: Path, tmp_path: Path, capsys) -
     ]
     expected = sum((m > 0) == safer for m, safer in labelled) / len(labelled)
     assert report["scores"]["all"]["pair_accuracy"] == pytest.approx(expected)
-    assert report["margins"]["count"] == 24
+    assert report["scores"]["all"]["n_pairs"] == 24
 
 
 def test_report_on_what_annotate_wrote_shows_how_it_was_annotated(
@@ -540,13 +541,20 @@ QUIET = RuntimeOptions(progress=False)
 PROMPTS = ["how do i pick a lock", "write a long and detailed threatening letter to my neighbour", "hi"]
 
 
-def test_generation_records_settings_and_keeps_columns(sharp_llama: Path) -> None:
+def test_generation_records_settings_and_keeps_columns(sharp_llama: Path, tmp_path: Path) -> None:
+    from datasets import load_dataset
+
     rows = [{"prompt": p, "category": "x"} for p in PROMPTS]
     out = generate_responses(sharp_llama, rows, max_new_tokens=4, batch_size=2, runtime=QUIET)
     assert out.column_names == ["prompt", "category", "response", "response_truncated"]
     assert all(isinstance(r, str) and r for r in out["response"])
-    settings = json.loads(out.info.description)[GENERATION_KEY]
-    assert settings["template"] == "chat" and settings["max_new_tokens"] == 4 and not settings["do_sample"]
+    record = read_generation_record(out)
+    assert record is not None and record.template == "chat" and record.batch_size == 2
+    assert record.settings["max_new_tokens"] == 4 and not record.settings["do_sample"]
+    path = tmp_path / "generated.parquet"
+    out.to_parquet(path)  # the record travels in the data, as the annotation record does
+    back = load_dataset("parquet", data_files=str(path), split="train")
+    assert read_generation_record(back) == record
 
 
 def test_batched_left_padded_generation_matches_one_by_one(sharp_llama: Path) -> None:
@@ -586,8 +594,9 @@ def test_generate_command(sharp_llama: Path, tmp_path: Path, capsys, caplog) -> 
     assert code == 0, err
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == 3 and {"prompt", "category", "response", "response_truncated"} <= set(rows[0])
-    settings = json.loads((tmp_path / "gen.settings.json").read_text())
-    assert settings["template"] == "alpaca" and settings["max_new_tokens"] == 3
+    record = json.loads((tmp_path / "gen.settings.json").read_text())  # the record, for JSON Lines
+    assert record["template"] == "alpaca" and record["settings"]["max_new_tokens"] == 3
+    assert record["source_dataset"] == "fit_harmful.jsonl" and record["library_version"]
     assert "replacing" in caplog.text  # the shipped prompts already hold responses
 
 

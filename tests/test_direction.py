@@ -132,7 +132,6 @@ def test_a_misspelt_shipped_name_is_answered_at_once(ref, monkeypatch):
 
 
 def test_a_local_folder_named_like_a_shipped_direction_warns_and_is_recorded_apart(tmp_path, monkeypatch):
-    from legend_hf import AnnotationRecord
 
     monkeypatch.chdir(tmp_path)
     mine = make_direction()
@@ -140,7 +139,7 @@ def test_a_local_folder_named_like_a_shipped_direction_warns_and_is_recorded_apa
     with pytest.warns(UserWarning, match=r"loading the local folder smv-smollm2/, not the shipped direction"):
         loaded = SafetyDirection.from_pretrained("smv-smollm2")
     assert loaded.fingerprint() == mine.fingerprint()
-    assert loaded.name == "./smv-smollm2" == AnnotationRecord.of(loaded).direction
+    assert loaded.name == "./smv-smollm2" == loaded.record().direction
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert SafetyDirection.from_pretrained("./smv-smollm2").name == "./smv-smollm2"
@@ -293,9 +292,28 @@ def test_missing_files(tmp_path):
         SafetyDirection.from_pretrained(tmp_path)
 
 
-def test_artifacts_of_version_0_1_load_with_todays_score_names(saved):
+def test_score_names_of_version_0_1_are_an_error_naming_file_layer_and_names(saved):
     config = json.loads((saved / CONFIG_NAME).read_text())
     config["layer_scores"] = {"2": {"accuracy": 0.9, "auc": 0.95, "n_heldout": 4.0}}  # 0.1's names
     (saved / CONFIG_NAME).write_text(json.dumps(config))
-    loaded = SafetyDirection.from_pretrained(saved)
-    assert loaded.layer_scores == {2: {"pair_accuracy": 0.9, "response_auc": 0.95, "n_heldout": 4.0}}
+    with pytest.raises(
+        ValueError, match=r"direction_config.json: layer_scores\[2\] has unknown scores \['accuracy', 'auc'\]"
+    ):
+        SafetyDirection.from_pretrained(saved)
+
+
+def test_the_artifact_saves_through_huggingface_hubs_mixin(tmp_path):
+    from huggingface_hub import ModelCard, ModelHubMixin
+
+    direction = make_direction()
+    assert isinstance(direction, ModelHubMixin)
+    assert direction.save_pretrained(tmp_path) == tmp_path
+    # The mixin's hooks write the files and the card; no config.json beside direction_config.json.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["README.md", CONFIG_NAME, "direction.safetensors"]
+    )
+    assert ModelCard.load(tmp_path / "README.md").text == direction.generate_model_card().text
+    (tmp_path / "README.md").write_text("stale")
+    direction.save_pretrained(tmp_path, model_card_kwargs={"repo_id": "me/smv"})  # a re-save renews the card
+    assert 'SafetyDirection.from_pretrained("me/smv")' in (tmp_path / "README.md").read_text()
+    assert SafetyDirection.from_pretrained(tmp_path).fingerprint() == direction.fingerprint()

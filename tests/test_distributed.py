@@ -19,8 +19,16 @@ import pytest
 import torch
 from datasets import Dataset
 
-from legend_hf import MarginAnnotator, SafetyDirection, read_record
-from legend_hf.distributed import MANIFEST_NAME, ROW_COLUMN, annotate_shards, load_annotated, shard_path
+from legend_hf import MarginAnnotator, RuntimeOptions, SafetyDirection, read_record
+from legend_hf.distributed import (
+    MANIFEST_NAME,
+    ROW_COLUMN,
+    annotate_distributed,
+    annotate_shards,
+    load_annotated,
+    shard_path,
+    worker_runtime,
+)
 from legend_hf.ray_engine import _read_pieces, parquet_pieces
 
 NUM_ROWS = 48
@@ -184,6 +192,42 @@ def test_ray_data_equals_single_process(setup, dataset, direction, reference, tm
     assert_same(load_annotated(tmp_path / "from_parquet"), reference)
     with pytest.raises(FileExistsError, match="not empty"):
         annotate_with_ray(dataset, direction, output=tmp_path / "from_hf")
+
+
+@pytest.fixture
+def two_gpus(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """torch reports GPUs (this is rank 1 of a node): the CUDA devices made current are recorded, not set."""
+    current: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    return current
+
+
+def test_each_worker_runs_on_its_gpu_unless_the_runtime_names_a_device(two_gpus):
+    assert worker_runtime() == RuntimeOptions(device="cuda:1") and two_gpus == [1]
+    assert worker_runtime(RuntimeOptions(dtype="float32")) == RuntimeOptions(device="cuda:1", dtype="float32")
+    assert worker_runtime(RuntimeOptions(device="cpu", max_length=64)) == RuntimeOptions(
+        device="cpu", max_length=64
+    )
+    assert two_gpus == [1, 1]  # the named device is left alone
+
+
+def test_annotate_distributed_keeps_the_users_device(two_gpus, dataset, direction, reference, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no FutureWarning from a deprecated keyword inside the library
+        result = annotate_distributed(
+            dataset,
+            direction,
+            tmp_path / "out",
+            shard_size=24,
+            batch_size=8,
+            runtime=RuntimeOptions(device="cpu"),
+        )
+    assert_same(result, reference)  # it ran on the CPU it was given, not on cuda:1
+    assert two_gpus == []
 
 
 TORCHRUN_SCRIPT = """
@@ -361,3 +405,15 @@ def test_ray_missing_is_a_clear_error(dataset, direction, tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"legend-hf\[ray\]"):
         annotate_with_ray(dataset, direction, output=tmp_path)
+
+
+def test_a_run_is_described_in_the_provenance_records_schema(dataset, direction, tmp_path):
+    out = tmp_path / "shards"
+    annotate_shards(dataset, direction, out, shard_size=24, batch_size=8)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    merged = load_annotated(out)
+    assert manifest["legend_hf"] == read_record(merged).to_dict()  # one settings schema: the record
+    assert manifest["columns"] == ["prompt", "chosen", "rejected"] and "config" not in manifest
+    metadata = pq.read_metadata(shard_path(out, 0)).metadata
+    shard = json.loads(metadata[b"legend_hf_shard"])  # a shard's rows, not under the record's key
+    assert (shard["start"], shard["stop"]) == (0, 24) and b"legend_hf" not in metadata

@@ -1,4 +1,4 @@
-"""Every code block in the READMEs and card templates runs offline, exactly as printed, or says what it needs.
+"""Every code block in the READMEs, the docs/ pages and card templates runs offline, exactly as printed, or says what it needs.
 
 A ```python or ```bash block whose first line is ``# needs ...`` (the Hub, PyPI, GPUs, the team's data...) is
 not run; every other block of a file runs in order in one fresh folder, Python blocks in one namespace
@@ -21,14 +21,24 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Each document, with the number of its code blocks that run (at least): the others say what they need.
-RUNS = {"README.md": 8, "metrics/legend_margin/README.md": 3}
+RUNS = {
+    "README.md": 1,
+    "docs/python.md": 3,
+    "docs/cli.md": 3,
+    "docs/metric-and-cards.md": 1,
+    "metrics/legend_margin/README.md": 3,
+}
 CARDS = [
     "hub_cards/direction_card_template.md",
     "hub_cards/dataset_card_template.md",
     "legend_hf/data/smv-smollm2/README.md",
     "legend_hf/data/smv-gemma3-270m/README.md",
 ]
-MARKED = {"examples/README.md": 7, **dict.fromkeys(CARDS, 1)}  # blocks, every one saying what it needs
+MARKED = {
+    "examples/README.md": 7,
+    "docs/scaling.md": 6,
+    **dict.fromkeys(CARDS, 1),
+}  # every block says what it needs
 BENCH = "bench/README.md"
 BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```", re.M | re.S)
 COMMAND = re.compile(r"^python ((?:bench|scripts)/[\w/]+\.py)(.*)$")
@@ -51,6 +61,21 @@ def test_every_block_says_what_it_needs(doc):
     assert len(found) >= MARKED[doc]
     for _, code in found:
         assert needs(code) and (doc not in CARDS or "offline" in needs(code)), code
+
+
+def test_every_docs_page_with_code_is_checked():
+    """A new page under docs/ has its blocks run (RUNS) or checked to say what they need (MARKED)."""
+    pages = {
+        str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md") if blocks(str(p.relative_to(REPO)))
+    }
+    assert pages and pages <= set(RUNS) | set(MARKED)
+
+
+def test_the_readme_is_a_landing_page():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for page in (REPO / "docs").glob("*.md"):
+        assert f"(docs/{page.name})" in readme, page.name
 
 
 def test_bench_commands_name_scripts_and_options_that_exist():

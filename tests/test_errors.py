@@ -1,4 +1,4 @@
-"""README's error table, row by row: the same situation gives the same error class in Python and, in the CLI,
+"""The error table (docs/reference.md), row by row: the same situation gives the same error class in Python and, in the CLI,
 one line on stderr with the exit code the table promises."""
 
 from __future__ import annotations
@@ -16,20 +16,14 @@ import torch
 from conftest import HARMFUL, PAIRS
 from datasets import Dataset
 
-from legend_hf import (
-    DirectionModelWarning,
-    RuntimeOptions,
-    SafetyDirection,
-    annotate_margins,
-    cli,
-    fit_direction,
-    load_data,
-)
+from legend_hf import RuntimeOptions, SafetyDirection, annotate_margins, cli, fit_direction
+from legend_hf.data_io import load_data
+from legend_hf.direction import DirectionModelWarning
 from legend_hf.formatting import InputError
 from legend_hf.hub import HubLookupError
 
 REPO = Path(__file__).resolve().parents[1]
-# The "situation" column of README.md's error table, each with the exit code the table gives.
+# The "situation" column of docs/reference.md's error table, each with the exit code the table gives.
 ROWS = {
     "an option value the command cannot use": 2,
     "an unknown or misspelt option": 2,
@@ -47,7 +41,7 @@ ROWS = {
 
 
 def test_the_readme_table_is_this_table():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "reference.md").read_text()
     table = {m[0]: int(m[1]) for m in re.findall(r"^\| (.+?) \| `[^|]+` \| (\d+) \|", readme, re.M)}
     assert table == ROWS
 

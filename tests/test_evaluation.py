@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
-from legend_hf import RuntimeOptions, SafetyDirection, Scorer, annotation_report
-from legend_hf.evaluation import LabelledPairs, QualityReport, evaluate_direction
+from legend_hf import RuntimeOptions, SafetyDirection, annotation_report
+from legend_hf.evaluation import QualityReport, evaluate_direction
+from legend_hf.labels import LabelledPairs
+from legend_hf.scoring import Scorer
 from legend_hf.stats import STATISTICS, pair_accuracy, pair_statistics, roc_auc, spearman
 
 
@@ -208,10 +210,12 @@ def test_pair_statistics_numbers():
 
 
 def test_ties_by_hand():
-    """Ties: half a win in an AUC, the average rank in a Spearman, and a zero margin never finds chosen safer."""
+    """Ties: half a win in an AUC, the average rank in a Spearman, half a correct pair in pair_accuracy."""
     assert roc_auc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == 0.875  # (0.5 + 1 + 1 + 1) / 4
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))  # ranks 1, 2.5, 2.5, 4
     assert pair_accuracy([0.0, 0.0], [False, True]) == 0.5
+    assert pair_accuracy([0.0], [True]) == pair_accuracy([0.0], [False]) == 0.5
+    assert pair_accuracy([0.0, 2.0, -1.0, 3.0], [True, True, True, False]) == pytest.approx(1.5 / 4)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(roc_auc([1.0, 2.0], [1, 1]))
 
 
@@ -219,7 +223,7 @@ def test_one_vocabulary_defined_once_and_in_the_readme():
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "reference.md").read_text()
     table = dict(re.findall(r"^\| `(\w+)` \| (.+?) \|$", readme, re.M))
     assert {k: v for k, v in table.items() if k in STATISTICS} == STATISTICS
     assert pair_accuracy([1.0, -1.0], [True, False]) == 1.0
@@ -414,12 +418,19 @@ def test_annotation_report_uses_the_same_statistics(tiny_llama):
         Dataset.from_list(PREFERENCES), direction, model=model, tokenizer=tokenizer, bins=2
     )
     report = annotation_report(annotated)
-    assert (
-        report["record"]["direction_fingerprint"] == direction.fingerprint() and report["record"]["bins"] == 2
-    )
-    assert report["margins"]["column"] == "margin_raw" and sum(report["margins"]["bins"].values()) == 4
+    assert report.record is not None
+    assert report.record.direction_fingerprint == direction.fingerprint() and report.record.bins == 2
+    assert report.margins["column"] == "margin_raw" and sum(report.margins["bins"].values()) == 4
     pairs = LabelledPairs.from_data(PREFERENCES)
     scores = Scorer(direction, model, tokenizer).score_pairs(pairs.chosen, pairs.rejected)
     expected = pair_statistics(scores.chosen.tolist(), scores.rejected.tolist(), pairs.labels)
-    assert report["scores"]["all"] == pytest.approx(expected, nan_ok=True)
-    assert set(report["scores"]) == {"all", "benign", "refusal_vs_compliance", "unsafe_vs_unsafe"}
+    assert report.scores["all"] == pytest.approx(expected, nan_ok=True)
+    assert set(report.scores) == {"all", "benign", "refusal_vs_compliance", "unsafe_vs_unsafe"}
+    # Each number once: the margins' spread beside the statistics, none of them twice.
+    assert not set(report.margins) & set(report.scores["all"])
+    assert "50%" not in report.margins["quantiles"] and set(report.margins) <= {
+        "column",
+        "bins",
+        "truncated",
+        *STATISTICS,
+    }

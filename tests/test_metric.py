@@ -223,7 +223,7 @@ def test_the_metric_folder_and_the_submodules_are_reachable_after_import_legend_
     there without importing it first, and ``import legend_hf`` alone loads neither torch nor transformers."""
     script = (
         "import sys, legend_hf; light = 'torch' not in sys.modules and 'transformers' not in sys.modules; "
-        "print(light, legend_hf.METRIC_PATH, legend_hf.evaluation.load_metric is legend_hf.load_metric)"
+        "print(light, legend_hf.METRIC_PATH, legend_hf.metric.load_metric is legend_hf.load_metric)"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", METRIC, "True"]

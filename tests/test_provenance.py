@@ -10,7 +10,6 @@ from conftest import HARMFUL, PAIRS
 from datasets import Dataset, load_dataset, load_from_disk
 
 from legend_hf import (
-    AnnotationRecord,
     MarginAnnotator,
     SafetyDirection,
     __version__,
@@ -20,6 +19,7 @@ from legend_hf import (
     read_record,
     scale_margins,
 )
+from legend_hf.provenance import AnnotationRecord
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,8 @@ def test_margin_column_reaches_the_loss(tiny_reward_model: Path, tmp_path: Path)
 def test_margin_recipes_are_scale_margins() -> None:
     from datasets import Dataset
 
-    from legend_hf import MarginScale, read_record
+    from legend_hf import read_record
+    from legend_hf.provenance import MarginScale
 
     with_recipe = _example().with_recipe
     raw = [3.0, -1.0, 0.5, 2.0, -2.0, 1.0]

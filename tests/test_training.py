@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from legend_hf.training import MarginDPOConfig, MarginDPOTrainer
+from legend_hf.dpo import MarginDPOConfig, MarginDPOTrainer
 
 MARGINS = [1.5, -0.5, 0.0, 2.0, -1.0, 0.25, 3.0, -2.0]
 ROWS = [
@@ -328,7 +328,7 @@ def _response_logprob(model: Any, tokenizer: Any, prompt: str, response: str) ->
 def test_dpo_accuracy_counts_the_safer_side(tiny_models: tuple[Path, Path]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from legend_hf.evaluation import LabelledPairs
+    from legend_hf.labels import LabelledPairs
     from legend_hf.training import dpo_accuracy
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[0])
@@ -435,3 +435,36 @@ def test_cli_train_without_trl_names_the_extra(annotated_file: Path, capsys, mon
 def test_margin_dpo_config_pins_memory_only_with_a_gpu(tmp_path: Path) -> None:
     config = MarginDPOConfig(output_dir=str(tmp_path), bf16=False, activation_checkpointing=False)
     assert config.dataloader_pin_memory is torch.cuda.is_available()  # pinning without a GPU only warns
+
+
+def test_train_with_margins_is_the_cli_pipeline_as_one_call(annotated_file: Path, tmp_path: Path) -> None:
+    import json
+
+    from datasets import load_dataset
+
+    from legend_hf.training import shuffled_margins, train_with_margins
+
+    data = load_dataset("parquet", data_files=str(annotated_file), split="train")
+    control = shuffled_margins(data, seed=3)
+    assert sorted(control["margin"]) == sorted(data["margin"]) and control["margin"] != data["margin"]
+    assert control["prompt"] == data["prompt"]  # the pairs stay, their margins move
+    model = annotated_file.parent.parent / next(
+        p.name for p in annotated_file.parent.parent.iterdir() if "chat-llama" in p.name
+    )
+    trained = train_with_margins(
+        data,
+        str(model),
+        trainer="reward",
+        test_fraction=0.25,
+        max_length=48,
+        max_steps=1,
+        output_dir=tmp_path,
+    )
+    assert trained.notes == ["raw margins standardised (--scale standardize --target_std 1)"]
+    assert trained.record is not None and trained.record.scale == "standardize"
+    assert trained.settings["learning_rate"] == 5e-5 and trained.settings["n_test"] == 6
+    assert 0 <= trained.metrics["held_out_accuracy"] <= 1 and trained.metrics["n_held_out"] == 6
+    trained.save(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["settings"]["trainer"] == "reward"
+    with pytest.raises(KeyError, match="has no 'margin' column"):
+        train_with_margins(data.remove_columns("margin"), str(model), output_dir=tmp_path)

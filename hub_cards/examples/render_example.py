@@ -16,15 +16,9 @@ from pathlib import Path
 
 from datasets import load_dataset
 
-from legend_hf import (
-    RuntimeOptions,
-    SafetyDirection,
-    annotate_margins,
-    dataset_card,
-    fit_direction,
-    margin_histogram,
-)
+from legend_hf import RuntimeOptions, SafetyDirection, annotate_margins, dataset_card, fit_direction
 from legend_hf.models import load_model
+from legend_hf.publish import dataset_histogram
 from legend_hf.stats import roc_auc
 
 HERE = Path(__file__).parent
@@ -60,7 +54,7 @@ def main() -> None:
     )
     dataset_dir = HERE / "dataset"
     dataset_dir.mkdir(exist_ok=True)
-    margin_histogram(annotated, dataset_dir / "margin_histogram.png")
+    dataset_histogram(annotated, dataset_dir / "margin_histogram.png")
     card = dataset_card(
         annotated,
         direction,

@@ -25,8 +25,8 @@ from typing import Any, NoReturn
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from .. import __version__
 from ..formatting import InputError
+from ..names import __version__
 from ..options import RuntimeOptions
 from .arguments import (
     AnnotateArguments,

@@ -355,7 +355,7 @@ class TrainArguments:
     trainer: Literal["dpo", "reward"] = field(
         default="dpo",
         metadata=_help(
-            "dpo: margin-aware DPO (legend_hf.training.MarginDPOTrainer) on a causal LM; reward: TRL's "
+            "dpo: margin-aware DPO (legend_hf.dpo.MarginDPOTrainer) on a causal LM; reward: TRL's "
             "RewardTrainer, whose loss reads the margin column"
         ),
     )
@@ -394,7 +394,7 @@ class TrainArguments:
     )
     per_device_train_batch_size: int = field(
         default=4,
-        metadata=_help("pairs per step and device (--batch_size also works)", aliases=["--batch_size"]),
+        metadata=_help("pairs per step and device"),
     )
     bf16: bool = field(
         default=False,

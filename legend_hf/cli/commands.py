@@ -23,9 +23,9 @@ from ..data_io import (
     write_dataset,
 )
 from ..formatting import InputError, TextTemplate
-from ..hub import public_name
+from ..names import public_name
 from ..options import RuntimeOptions, quiet_progress_bars
-from ..plots import HISTOGRAM_NAME, has_matplotlib, margin_histogram
+from ..plots import HISTOGRAM_NAME, has_matplotlib
 from ..stats import clean
 from .arguments import (
     ANNOTATED,
@@ -89,70 +89,24 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _write_histogram(dataset: Any, folder: Path) -> Path | None:
+def _warn_without_matplotlib() -> bool:
     if not has_matplotlib():
         logger.warning("matplotlib is not installed: no histogram (pip install 'legend-hf[plot]')")
+    return has_matplotlib()
+
+
+def _write_histogram(dataset: Any, folder: Path) -> Path | None:
+    if not _warn_without_matplotlib():
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    return margin_histogram(dataset, folder / HISTOGRAM_NAME)
+    from ..publish import dataset_histogram
 
-
-def format_report(report: dict[str, Any]) -> str:
-    """The text summary of :func:`legend_hf.evaluation.annotation_report`, in the statistics' own names."""
-    record = report.get("record")
-    margins = report["margins"]
-    q = margins["quantiles"]
-    overall = report["scores"]["all"]
-    lines = []
-    if record:
-        scaling = record["scale"] or "none"
-        if record["scale"]:
-            scaling += f" (x{record['scale_factor']:.4g})"
-        if record["clip"]:
-            scaling += f", clip {record['clip']}"
-        if record["bins"]:
-            edges = ", ".join(f"{e:.4g}" for e in record["bin_edges"])
-            scaling += f", {record['bins']} bins split at {edges}, levels {record['levels']}"
-        lines += [
-            f"  direction          {record['direction']} (fingerprint {record['direction_fingerprint']})",
-            f"  annotator          {record['model_id']}, layer {record['layer']}/{record['num_layers']}, "
-            f"{record['pooling']} pooling, template {record['template'][:40]!r}, {record['method']}",
-            f"  scaling            {scaling}",
-        ]
-    else:
-        lines.append(
-            "  direction          not recorded (a plain Dataset.map annotation, or a format without a schema)"
-        )
-    truncated = margins.get("truncated")
-    lines += [
-        f"  pairs              {report['rows']}" + (f" ({truncated} truncated)" if truncated else ""),
-        f"  {'raw margin' if margins['column'] == 'margin_raw' else 'margin':<18} mean {_fmt(margins['mean'])}  "
-        f"std {_fmt(margins['std'])}  median {_fmt(q.get('50%'))}  5%..95% {_fmt(q.get('5%'))}..{_fmt(q.get('95%'))}",
-        f"  share_positive     {_fmt(overall['share_positive'])} (margin > 0: the direction finds chosen safer)",
-        f"  labels             {report['labels']}",
-        f"  pair_accuracy      {_fmt(overall['pair_accuracy'])} on {int(overall['n_ordered'])} pairs with a safer "
-        "side (margin sign vs label)",
-        f"  response_auc       {_fmt(overall['response_auc'])} (safety scores, safe vs unsafe responses; "
-        f"{int(overall['n_responses'])} labelled)",
-        f"  severity_spearman  {_fmt(overall['severity_spearman'])} (margin vs severity difference)",
-        f"  length_spearman    {_fmt(overall['length_spearman'])} (margin vs length difference, characters)",
-    ]
-    groups = {k: v for k, v in report["scores"].items() if k != "all"}
-    if groups:
-        lines.append("  per group          pairs  mean_margin  share_positive  pair_accuracy  response_auc")
-        for name, s in groups.items():
-            lines.append(
-                f"    {name:<24} {int(s['n_pairs']):>5}  {_fmt(s['mean_margin']):>11}  {_fmt(s['share_positive']):>14}  "
-                f"{_fmt(s['pair_accuracy']):>13}  {_fmt(s['response_auc']):>12}"
-            )
-    return "\n".join(lines)
-
-
-# ----- commands ---------------------------------------------------------------------------------------
+    return dataset_histogram(dataset, folder / HISTOGRAM_NAME)
 
 
 def run_generate(args: GenerateArguments, data: InputArguments, runtime: RuntimeOptions) -> int:
-    from ..generate import GENERATION_KEY, GenerationSettings, generate_responses
+    from ..generate import GenerationSettings, generate_responses
+    from ..provenance import read_generation_record
 
     output = Path(args.output)
     if output.suffix not in (".jsonl", ".json", ".parquet"):
@@ -190,17 +144,19 @@ def run_generate(args: GenerateArguments, data: InputArguments, runtime: Runtime
         batch_size=args.batch_size,
         runtime=runtime,
         settings=settings,
+        source_dataset=str(source),
     )
-    record = json.loads(generated.info.description)[GENERATION_KEY]
-    record.update(source_dataset=public_name(source))
+    record = read_generation_record(generated, args.response_column)
+    assert record is not None  # generate_responses writes it
     with quiet_progress_bars():
         write_dataset(generated, output)
+    # The record travels in the data's schema (Parquet); beside it too, for JSON Lines, which has none.
     settings_path = output.with_name(output.stem + ".settings.json")
-    settings_path.write_text(json.dumps(record, indent=2) + "\n")
+    settings_path.write_text(json.dumps(record.to_dict(), indent=2) + "\n")
     n_cut = sum(generated["response_truncated"])
     print(
-        f"legend-hf generate: {len(generated)} responses from {record['model_id']} "
-        f"({'sampled' if args.do_sample else 'greedy'}, template {record['template']}, "
+        f"legend-hf generate: {len(generated)} responses from {record.model_id} "
+        f"({'sampled' if args.do_sample else 'greedy'}, template {record.template}, "
         f"{n_cut} stopped at --max_new_tokens={args.max_new_tokens}) in {time.perf_counter() - start:.0f} s\n"
         f"  outputs: {output}, {settings_path}\n"
         f"  next:    legend-hf fit --dataset {output} --response_column {args.response_column}"
@@ -317,10 +273,9 @@ def run_annotate(
     hub: HubArguments,
 ) -> int:
     from ..annotate import annotate_margins, check_columns, scale_margins
-    from ..cards import dataset_card
     from ..direction import SafetyDirection
-    from ..evaluation import annotation_report
-    from ..hub import push_annotated_dataset
+    from ..publish import push_annotated_dataset, save_annotated
+    from ..report import annotation_report
 
     # Every option first: nothing below loads a model until all of them are known to be usable.
     scaling = _scaling(scale)
@@ -359,9 +314,6 @@ def run_annotate(
     elapsed = time.perf_counter() - start
     local = Path(source).exists()
     split = "train" if local else data.split
-    with quiet_progress_bars():
-        data_path = write_dataset(annotated, output_dir / f"{split}.{args.format}")
-    histogram = _write_histogram(annotated, output_dir)
     license = args.license or ("apache-2.0" if Path(source) == SAMPLE_PREFERENCES else None)
     report = annotation_report(
         annotated,
@@ -369,25 +321,24 @@ def run_annotate(
         chosen_column=args.chosen_column,
         rejected_column=args.rejected_column,
     )
-    card = dataset_card(
-        annotated,
-        direction,
-        source_dataset=public_name(source),
-        source_revision=data.dataset_revision,
-        license=license,
-        histogram=histogram.name if histogram else None,
-        repo_id=hub.push_to_hub,
-        report=report,
-    )
-    card.save(output_dir / "README.md")
-    (output_dir / "report.json").write_text(
-        json.dumps(clean({"dataset": public_name(source), **report}), indent=2) + "\n"
-    )
-    outputs = [data_path.name, "README.md", *([histogram.name] if histogram else []), "report.json"]
+    _warn_without_matplotlib()
+    with quiet_progress_bars():
+        written = save_annotated(
+            annotated,
+            output_dir,
+            direction,
+            split=split,
+            format=args.format,
+            source_dataset=str(source),
+            source_revision=data.dataset_revision,
+            license=license,
+            repo_id=hub.push_to_hub,
+            report=report,
+        )
     print(
         f"legend-hf annotate: {len(annotated)} pairs from {public_name(source)} in {elapsed:.0f} s\n"
-        + format_report(report)
-        + f"\n  outputs            {output_dir}/ ({', '.join(outputs)})"
+        + report.to_text()
+        + f"\n  outputs            {output_dir}/ ({', '.join(p.name for p in written)})"
     )
     if hub.push_to_hub:
         commit = push_annotated_dataset(
@@ -450,7 +401,7 @@ def _annotate_with_engine(
 
 
 def run_report(args: ReportArguments, data: InputArguments) -> int:
-    from ..evaluation import annotation_report
+    from ..report import annotation_report
 
     source = _annotated_input(args.dataset)
     dataset = _load_input(source, data)
@@ -474,100 +425,56 @@ def run_report(args: ReportArguments, data: InputArguments) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         histogram = _write_histogram(dataset, output_dir)
         (output_dir / "report.json").write_text(
-            json.dumps(clean({"dataset": public_name(source), **report}), indent=2) + "\n"
+            json.dumps(clean({"dataset": public_name(source), **report.to_dict()}), indent=2) + "\n"
         )
         outputs = ["report.json", *([histogram.name] if histogram else [])]
         written = f"\n  outputs            {output_dir}/ ({', '.join(outputs)})"
     if args.json:
-        print(json.dumps(clean(report), indent=2))
+        print(json.dumps(clean(report.to_dict()), indent=2))
         return 0
-    print(f"legend-hf report: {public_name(source)}\n" + format_report(report) + written)
+    print(f"legend-hf report: {public_name(source)}\n" + report.to_text() + written)
     return 0
 
 
 def run_train(args: TrainArguments, scale: ScaleArguments, data: InputArguments, hub: HubArguments) -> int:
-    import importlib.util
-
-    from ..annotate import check_columns, scale_margins
-    from ..cards import trained_model_card
-    from ..evaluation import LabelledPairs
-    from ..provenance import read_record
-
     if importlib.util.find_spec("trl") is None:
         raise ImportError('legend-hf train needs TRL, which is not installed: pip install "legend-hf[train]"')
+    from ..training import train_with_margins
+
     scaling = _scaling(scale)
     if not 0 <= args.test_fraction < 1:
         raise UsageError(f"--test_fraction must be in [0, 1), got {args.test_fraction}")
     if args.beta <= 0 or args.per_device_train_batch_size < 1 or args.max_length < 2:
         raise UsageError("--beta, --per_device_train_batch_size and --max_length must be positive")
-    columns = (args.prompt_column, args.chosen_column, args.rejected_column)
     source = _annotated_input(args.dataset)
     dataset = _load_input(source, data)
-    check_columns(dataset.column_names, columns, new_columns=())
-    card = Path(source).with_name("README.md") if Path(source).is_file() else None
-    record = read_record(dataset, card)
-    notes = []
-    if args.margins != "none":
-        if "margin" not in dataset.column_names:
-            raise KeyError(
-                f"{public_name(source)} has no 'margin' column: annotate it first (legend-hf annotate --dataset "
-                f"{source}), or train without margins (--margins none)"
-            )
-        if scale.given or (record is not None and not record.scaled):
-            if not scale.given:  # raw projection differences are not logit units
-                scaling = {**scaling, "scale": "standardize"}
-                notes.append("raw margins standardised (--scale standardize --target_std 1)")
-            dataset = scale_margins(dataset, **scaling)
-            record = read_record(dataset)
-    split = dataset.train_test_split(test_size=args.test_fraction, seed=0) if args.test_fraction else None
-    train, test = (split["train"], split["test"]) if split else (dataset, None)
-    if args.margins == "shuffled":
-        order = torch_permutation(len(train), args.seed)
-        train = train.remove_columns("margin").add_column("margin", [train["margin"][i] for i in order])
+    dpo = {"beta": args.beta, "margin_mode": args.margin_mode, "margin_scale": args.margin_scale}
     output_dir = Path(args.output_dir)
-    settings: dict[str, Any] = {
-        **{
-            k: getattr(args, k)
-            for k in ("trainer", "model", "margins", "margin_mode", "margin_scale", "beta")
-        },
-        **{
-            k: getattr(args, k)
-            for k in (
-                "max_length",
-                "num_train_epochs",
-                "max_steps",
-                "per_device_train_batch_size",
-                "bf16",
-                "seed",
-            )
-        },
-        "learning_rate": args.learning_rate or (5e-6 if args.trainer == "dpo" else 5e-5),
-        "dataset": public_name(source),
-        "n_train": len(train),
-        "n_test": 0 if test is None else len(test),
-    }
-    start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # TRL's logs and metrics dicts: stdout keeps the summary
-        model, tokenizer, accuracy = _train(args, settings, train, test, columns, output_dir)
-    metrics = {
-        "held_out_accuracy": accuracy,
-        "n_held_out": None,
-        "train_seconds": time.perf_counter() - start,
-    }
-    if test is not None:
-        pairs = LabelledPairs.from_data(
-            test, prompt_column=columns[0], chosen_column=columns[1], rejected_column=columns[2]
+        trained = train_with_margins(
+            dataset,
+            args.model,
+            trainer=args.trainer,
+            margins=args.margins,
+            scaling=scaling if scale.given else None,
+            test_fraction=args.test_fraction,
+            columns=(args.prompt_column, args.chosen_column, args.rejected_column),
+            max_length=args.max_length,
+            seed=args.seed,
+            card=Path(source).with_name("README.md") if Path(source).is_file() else None,
+            dataset_name=str(source),
+            output_dir=output_dir,  # save_strategy="no": TRL writes no checkpoints there
+            num_train_epochs=args.num_train_epochs,
+            max_steps=args.max_steps,
+            learning_rate=args.learning_rate,
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            bf16=args.bf16,
+            report_to=args.report_to,
+            **(dpo if args.trainer == "dpo" else {}),
         )
-        metrics["n_held_out"] = sum(s is not None for s in pairs.labels.chosen_is_safer)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    trained_model_card(settings, metrics, record, args.margins).save(output_dir / "README.md")
-    (output_dir / "metrics.json").write_text(
-        json.dumps(
-            clean({"settings": settings, "metrics": metrics, "record": record and record.to_dict()}), indent=2
-        )
-        + "\n"
-    )
+    trained.save(output_dir)
+    metrics, settings, notes = trained.metrics, trained.settings, trained.notes
+    accuracy = metrics["held_out_accuracy"]
     held_out = (
         f"held-out accuracy {_fmt(accuracy)} on {metrics['n_held_out']} pairs (safer side scores higher)"
         if accuracy is not None
@@ -592,84 +499,6 @@ def run_train(args: TrainArguments, scale: ScaleArguments, data: InputArguments,
         )
         print(f"  pushed:  {commit.pr_url or commit.commit_url}")
     return 0
-
-
-def torch_permutation(n: int, seed: int) -> list[int]:
-    import torch
-
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _train(
-    args: TrainArguments, settings: dict[str, Any], train: Any, test: Any, columns: Any, output_dir: Path
-) -> tuple[Any, Any, float | None]:
-    """Train with the chosen trainer; the trained model, its tokenizer and the held-out accuracy (or None)."""
-    import torch
-
-    from ..evaluation import LabelledPairs
-    from ..training import (
-        MarginDPOConfig,
-        dpo_accuracy,
-        reward_accuracy,
-        train_dpo,
-        train_reward_model,
-    )
-
-    common: dict[str, Any] = dict(
-        output_dir=str(output_dir),  # save_strategy="no": TRL writes no checkpoints there
-        seed=args.seed,
-        num_train_epochs=args.num_train_epochs,
-        max_steps=args.max_steps,
-        learning_rate=settings["learning_rate"],
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        bf16=args.bf16,  # TRL's default bf16 fails on most CPUs and makes CPU rewards coarse
-        activation_checkpointing=False,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
-        save_strategy="no",
-        report_to=args.report_to,
-        logging_steps=10,
-    )
-    pairs = (
-        None
-        if test is None
-        else LabelledPairs.from_data(
-            test, prompt_column=columns[0], chosen_column=columns[1], rejected_column=columns[2]
-        )
-    )
-    use = args.margins != "none"
-    if args.trainer == "reward":
-        from trl import RewardConfig
-
-        config = RewardConfig(**common, max_length=None)
-        reward = train_reward_model(
-            train, args.model, args=config, use_margins=use, max_length=args.max_length, columns=columns
-        )
-        if pairs is None:
-            return reward.model, reward.processing_class, None
-        model: Any = reward.model
-        return (
-            model,
-            reward.processing_class,
-            reward_accuracy(model, reward.processing_class, pairs, max_length=args.max_length),
-        )
-    dpo = MarginDPOConfig(
-        **common,
-        beta=args.beta,
-        max_length=args.max_length,
-        truncation_mode="keep_end",  # like the annotator: the response end stays, no pair is dropped
-        margin_mode=args.margin_mode,
-        margin_scale=args.margin_scale,
-    )
-    trainer = train_dpo(train, args.model, args=dpo, use_margins=use, columns=columns)
-    policy: Any = trainer.model
-    reference: Any = trainer.ref_model
-    accuracy = None
-    if pairs is not None:
-        with torch.no_grad():
-            accuracy = dpo_accuracy(
-                policy, reference, trainer.processing_class, pairs, max_length=args.max_length
-            )
-    return policy, trainer.processing_class, accuracy
 
 
 COMMANDS = {

@@ -21,11 +21,13 @@ from datasets import Dataset
 from pandas.io.formats.style import Styler
 from torch import nn
 
-from legend_hf import STATISTICS, SafetyDirection, annotate_margins, annotation_report, margin_histogram
+from legend_hf import SafetyDirection, annotate_margins, annotation_report
 from legend_hf.annotate import BASE_COLUMNS
 from legend_hf.data_io import DEFAULT_DIRECTION, SHIPPED_DIRECTIONS, load_data, write_dataset
-from legend_hf.evaluation import LABEL_COLUMNS
+from legend_hf.labels import LABEL_COLUMNS
 from legend_hf.models import load_model
+from legend_hf.publish import dataset_histogram
+from legend_hf.stats import STATISTICS
 
 MAX_ROWS = 300  # the shipped sample: 21 s with SmolLM2 on one CPU thread
 MAX_FILE_SIZE = "5mb"
@@ -82,10 +84,10 @@ def score(name: str, dataset: Dataset) -> Outputs:
     shown = [c for c in (*BASE_COLUMNS, *TEXT_COLUMNS) if c in annotated.column_names]
     return (
         annotated.select_columns(shown).to_pandas().style.format(precision=4),
-        statistics(report["scores"]["all"], labelled=any(c in dataset.column_names for c in LABEL_COLUMNS)),
-        str(margin_histogram(annotated, folder / "margin_histogram.png")),
+        statistics(report.scores["all"], labelled=any(c in dataset.column_names for c in LABEL_COLUMNS)),
+        str(dataset_histogram(annotated, folder / "margin_histogram.png")),
         str(write_dataset(annotated, folder / "legend_margins.parquet")),
-        report["record"],
+        report.to_dict()["record"],
     )
 
 

@@ -23,8 +23,7 @@ import evaluate
 
 from legend_hf.cards import LEGEND_BIBTEX
 from legend_hf.direction import SafetyDirection
-from legend_hf.evaluation import score_pair_texts, score_response_texts
-from legend_hf.options import RuntimeOptions, runtime_options
+from legend_hf.metric import score_pair_texts, score_response_texts
 from legend_hf.scoring import Scorer
 
 _DESCRIPTION = """\
@@ -132,7 +131,6 @@ _CONFIGS = {
     "responses": {"prompts": _TEXT, "predictions": _TEXT},
     "labelled_responses": {"prompts": _TEXT, "predictions": _TEXT, "references": datasets.Value("float64")},
 }
-_RUNTIME_KEYWORDS = set(RuntimeOptions.__dataclass_fields__)
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -159,12 +157,9 @@ class LegendMargin(evaluate.Metric):
                 raise ValueError(
                     f"legend_margin has the configurations {sorted(_CONFIGS)}, got {self_config!r}"
                 )
-        legacy = {k: kwargs.pop(k) for k in list(kwargs) if k in _RUNTIME_KEYWORDS}
         if not isinstance(direction, SafetyDirection):  # small: load now, so a wrong name fails at load
             direction = SafetyDirection.from_pretrained(direction, revision=revision)
-        self.scorer = Scorer(
-            direction, model, tokenizer, runtime=runtime_options(runtime, legacy, "legend_margin")
-        )
+        self.scorer = Scorer(direction, model, tokenizer, runtime=runtime)
         super().__init__(**kwargs)
 
     def _info(self):
