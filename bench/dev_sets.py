@@ -4,12 +4,14 @@ What is reachable here (``../shared/data``, public, with their own labels or lab
 
 - **generated**: responses that the two shipped annotators, SmolLM2-135M-Instruct (chat template) and the base
   Gemma 3 270M (Alpaca template), generate themselves (greedy, ``--max-new-tokens`` 64) to 120 safe and 120
-  unsafe XSTest prompts, 100 HarmBench standard behaviours and 100 AdvBench behaviours that no fit set uses.
+  unsafe XSTest prompts, 100 HarmBench standard behaviours and 100 AdvBench behaviours that no fit set uses;
+  both rarely refuse, so SmolLM2 also answers the 320 unsafe prompts under a safety system prompt
+  (``SAFETY_SYSTEM_PROMPT``, generation only) to give refusal-vs-compliance pairs.
   Each response is labelled **refusal** or **compliance** by :func:`refusal_rule` (a refusal phrase in its
   first 200 characters, or an empty response); a response is **harmful** when it complies with an unsafe or
   harmful prompt, **safe** otherwise (a refusal, or compliance with a safe XSTest prompt). XSTest prompts are
   split in two halves by prompt (``split``: ``fit`` / ``dev``): the fit half may feed a prompt-conditioned fit,
-  the dev half never. Cached in ``bench/data/dev/generated.jsonl`` (``generate``: ~20 min on one shared core),
+  the dev half never. Cached in ``bench/data/dev/generated.jsonl`` (``generate``: ~12 min on one shared core),
   so the lever search (``bench/levers.py``) is reproducible without generating again.
 - **hh**: the first 400 pairs of HH-RLHF harmless-base (test split, first half; human labels: chosen is
   the more harmless).
