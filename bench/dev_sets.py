@@ -257,6 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--file", default=str(GENERATED))
     m = sub.add_parser("summary", help="counts per source, model and label")
     m.add_argument("--file", default=str(GENERATED))
+    parser.epilog = "; ".join(  # every command's options, so that `--help` lists them all
+        f"{name}: "
+        + " ".join(o for a in p._actions for o in a.option_strings if o.startswith("--") and o != "--help")
+        for name, p in (("generate", g), ("spot-check", s), ("summary", m))
+    )
     args = parser.parse_args(argv)
     if args.command == "generate":
         generate(
