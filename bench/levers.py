@@ -445,6 +445,98 @@ def layer_table(reading: str, rows: dict[int, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def save_candidates(data: Data, states: dict[str, torch.Tensor], out: Path) -> None:
+    """The candidate for the team's held-out sets, fitted again through the public API (``fit_direction`` with
+    the RepE template and the prompt-conditioned fit set, then ``remove_length``), one artifact per annotator,
+    with each one's fit-set score spread (the ensemble adds ``margin / spread`` of both). Each artifact's dev
+    scores are compared with the cached search's (Spearman over every dev text)."""
+    from legend_hf import Scorer, fit_direction
+    from legend_hf.recipes import remove_length
+
+    groups, refusals, completions = default_fit_data()
+    safe_groups = [balanced_harmless(g, refusals, completions) for g in groups]
+    generated = dev_sets.load_generated()
+    xs_fit = [r for r in generated if r["split"] == "fit" and r["label"] == "compliance"]
+    cond_safe = [
+        {"prompt": r["prompt"], "response": r["response"]} for r in xs_fit if r["prompt_label"] == "safe"
+    ]
+    cond_harmful = [
+        {"prompt": r["prompt"], "response": r["response"]} for r in xs_fit if r["prompt_label"] == "unsafe"
+    ]
+    notes = {}
+    dev_rows = sorted({i for i in data.sets["gen"]["text"]} | {i for p in data.sets["hh"][:100] for i in p})
+    for reading in ("smollm2/repe", "gemma/repe"):
+        _, model_id, template = READINGS[reading]
+        runtime = RuntimeOptions(max_length=MAX_LENGTH, device="cpu")
+        model, tokenizer = load_model(model_id, runtime=runtime)
+        direction = fit_direction(
+            model,
+            [*groups[0], *groups[1], *cond_harmful],
+            harmless=[*safe_groups[0], *safe_groups[1], *cond_safe],
+            tokenizer=tokenizer,
+            method="logistic",
+            layer="auto",
+            template=template,
+            runtime=runtime,
+            description="issue 21 candidate: the shipped recipe's fit set + compliant answers to the XSTest fit "
+            "half (bench/data/dev/generated.jsonl), RepE-style question template",
+        )
+        direction = remove_length(
+            direction, [*groups, *safe_groups], model=model, tokenizer=tokenizer, runtime=runtime
+        )
+        name = f"candidate-{reading.replace('/', '-')}-cond"
+        direction.save_pretrained(out / name)
+        k = direction.layer
+        u = unit(direction.vectors[k])
+        spread = fit_spread(states[reading][:, k], data, u)
+        api = Scorer(direction, model, tokenizer, runtime=runtime).score_responses(
+            [data.texts[i] for i in dev_rows]
+        )
+        cached = (states[reading][dev_rows, k].double() @ u).numpy()
+        notes[name] = {
+            "reading": reading,
+            "layer": k,
+            "fit_spread": spread,
+            "spearman_api_vs_cached_dev_scores": spearman(api.safety.numpy(), cached),
+            "n_dev_texts_compared": len(dev_rows),
+        }
+        print(name, notes[name], flush=True)
+        del model
+    (out / "candidates.json").write_text(json.dumps(notes, indent=1))
+
+
+def score_candidates(
+    data: Data, states: dict[str, torch.Tensor], out: Path, resamples: list[Any]
+) -> list[dict]:
+    """Dev metrics of the saved candidate artifacts (their own layer and vector, on the cached states), alone and
+    as the ensemble (each score divided by its fit-set spread, summed)."""
+    notes = json.loads((out / "candidates.json").read_text())
+    parts = {}
+    for name, note in notes.items():
+        direction = SafetyDirection.from_pretrained(str(out / name))
+        k = direction.layer
+        parts[name] = single(states[note["reading"]], data, k, direction.vectors[k])
+    rows = [
+        {
+            "lever": f"`{name}` (saved artifact)",
+            "readings": [notes[name]["reading"]],
+            "layer": str(notes[name]["layer"]),
+        }
+        | {"metrics": with_intervals(scores, data, resamples)}
+        for name, scores in parts.items()
+    ]
+    rows.append(
+        {
+            "lever": "ensemble of the two saved candidates",
+            "readings": [n["reading"] for n in notes.values()],
+            "layer": "+".join(str(n["layer"]) for n in notes.values()),
+            "metrics": with_intervals(sum(parts.values()), data, resamples),
+        }
+    )
+    (out / "candidates.md").write_text(table(rows) + "\n")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="../shared/data")
@@ -456,6 +548,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hh-pairs", type=int, default=400)
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--read-only", action="store_true", help="read and cache the states, fit nothing")
+    parser.add_argument(
+        "--score-candidates",
+        action="store_true",
+        help="only score the saved candidates in --out (alone and as the ensemble) and write candidates.md",
+    )
+    parser.add_argument(
+        "--save-candidates",
+        action="store_true",
+        help="also fit the candidate (RepE reading, prompt-conditioned fit) through the public API, both annotators",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     random.seed(0)
@@ -472,6 +574,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for reading in args.readings.split(","):
         states[reading] = read_states(reading, data, Path(args.cache_dir))
     if args.read_only:
+        return 0
+    if args.score_candidates:
+        print(table(score_candidates(data, states, Path(args.out), draws(data, args.resamples))))
         return 0
     per_layer: dict[str, Any] = {}
     began = time.perf_counter()
@@ -512,6 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "tables.md").write_text(text)
     print(table(rows))
     print(f"levers fitted and scored in {time.perf_counter() - began:.0f} s; {out}/tables.md")
+    if args.save_candidates:
+        save_candidates(data, states, out)
+        score_candidates(data, states, out, resamples)
     return 0
 
 
