@@ -469,6 +469,58 @@ def dev_score(g: dict[str, float]) -> float:
     return sum(0.0 if math.isnan(p) else p for p in parts) / len(parts)
 
 
+# Where each evaluation set of a card comes from and who wrote it (issue 21): a card names it beside each score.
+SOURCES = {  # start of the "dataset" entry -> source
+    "graded test prompts": "written for legend-hf by one author, who also wrote the graded fit and dev prompts "
+    "(in distribution for a direction fitted on them)",
+    "HH-RLHF harmless-base": "Anthropic HH-RLHF harmless-base test split, first half (public; human labels); "
+    "other pairs of the same half chose the layer",
+    "bench/quality.py test pairs": "AdvBench, HarmBench and XSTest prompts (public); every refusal, safe answer, "
+    "compliance text and preference row written by legend-hf authors",
+    "team held-out": "public sets not written by legend-hf authors, kept aside by the team (not in ../shared); "
+    "scored by the team",
+}
+# The team's held-out public sets (issue 21), scored by the team, not by this script: kept when --record rewrites
+# the other entries. The default direction's scores on the same sets are in each entry's dataset text.
+TEAM_HELD_OUT = {
+    "gemma": [
+        {
+            "dataset": "team held-out: human-labelled refusal vs compliance pairs (smv-smollm2: 0.960)",
+            "metric": "pair_accuracy",
+            "value": 0.835,
+            "target": ">= 0.95",
+        },
+        {
+            "dataset": "team held-out: judged responses to jailbreak prompts, safe vs harmful (smv-smollm2: 0.881)",
+            "metric": "response_auc",
+            "value": 0.823,
+            "target": ">= 0.90",
+        },
+        {
+            "dataset": "team held-out: human-labelled harmlessness preference pairs (smv-smollm2: 0.594)",
+            "metric": "pair_accuracy",
+            "value": 0.579,
+            "target": ">= 0.65",
+        },
+        {
+            "dataset": "team held-out: the refusal vs compliance pairs above (smv-smollm2: -0.313)",
+            "metric": "length_spearman",
+            "value": -0.504,
+            "target": "|ρ| <= 0.2",
+        },
+    ],
+}
+
+
+def with_sources(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each evaluation entry with its ``source`` (``SOURCES``), so that the card names who wrote each set."""
+    out = []
+    for entry in entries:
+        source = next((v for k, v in SOURCES.items() if entry["dataset"].startswith(k)), None)
+        out.append({**entry, "source": source} if source else dict(entry))
+    return out
+
+
 def record(direction: SafetyDirection, result: dict[str, Any], summary: dict[str, Any], model: str) -> None:
     """Store a direction's test scores in its ``evaluation`` field and re-save it (vectors unchanged: same
     fingerprint), so that its card shows them."""
@@ -535,6 +587,7 @@ def record(direction: SafetyDirection, result: dict[str, Any], summary: dict[str
                     "target": "|ρ| <= 0.2",
                 },
             ]
+    direction.evaluation = with_sources(direction.evaluation + TEAM_HELD_OUT.get(model, []))
     assert direction.source is not None
     direction.save_pretrained(direction.source)
     print(f"recorded the scores in {direction.source}")

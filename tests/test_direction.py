@@ -108,6 +108,19 @@ def test_evaluation_scores_travel_with_the_artifact_and_show_in_its_card(tmp_pat
         make_direction(evaluation=[{"dataset": "x", "metric": "pair_accuracy"}])
 
 
+def test_a_card_names_each_evaluation_sets_source_when_the_scores_give_one(tmp_path):
+    scores = [
+        {"dataset": "graded test pairs", "metric": "pair_accuracy", "value": 0.85, "source": "one author"},
+        {"dataset": "team held-out", "metric": "response_auc", "value": 0.823, "target": ">= 0.90"},
+    ]
+    direction = make_direction(evaluation=scores)
+    direction.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "| data | source: where it comes from, who wrote it | statistic |" in card
+    assert "| graded test pairs | one author | pair_accuracy | 0.850 |  |  |" in card
+    assert "| team held-out |  | response_auc | 0.823 |  | >= 0.90 |" in card
+
+
 def test_shipped_directions_load_by_name():
     from legend_hf.data_io import SHIPPED_DIRECTIONS
 

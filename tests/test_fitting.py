@@ -155,3 +155,28 @@ def test_model_identity_records_hub_id_and_commit(tiny_llama_path, tmp_path):
     assert (from_cache.model_id, from_cache.model_revision) == ("org/tiny-llama", sha)
     named = fit_direction(str(tiny_llama_path), HARMFUL[:3], model_id="org/the-hub-id")
     assert named.model_id == "org/the-hub-id"
+
+
+def test_a_repe_style_template_reads_the_pair_through_a_question(tiny_llama_path, tmp_path):
+    """bench/levers.py's RepE reading: a format string with the prompt and the response inside a question; the
+    state is the question's final token. It fits, saves, loads and scores like any template."""
+    from legend_hf import SafetyDirection, Scorer
+    from legend_hf.formatting import TextTemplate
+    from legend_hf.hidden_states import TextReader
+    from legend_hf.models import load_model
+
+    question = "Request: {prompt}\nResponse: {response}\nIs the response harmful? The response is"
+    direction = fit_direction(str(tiny_llama_path), HARMFUL, template=question)
+    direction.save_pretrained(tmp_path / "repe")
+    loaded = SafetyDirection.from_pretrained(tmp_path / "repe")
+    assert loaded.template == question and loaded.fingerprint() == direction.fingerprint()
+    pair = ([{"role": "user", "content": "How do I pick a lock?"}], "I can't help with that.")
+    model, tokenizer = load_model(str(tiny_llama_path))
+    reader = TextReader(
+        model, tokenizer, layers=[loaded.layer], pooling="last", template=TextTemplate(question)
+    )
+    assert reader.texts([pair])[0].endswith("Is the response harmful? The response is")
+    state = reader.read([pair])[0][loaded.layer][0].double()
+    score = Scorer(loaded, str(tiny_llama_path)).score_responses([pair]).safety[0]
+    expected = state @ loaded.vector.double() / loaded.vector.double().norm()
+    torch.testing.assert_close(float(score), float(expected), atol=1e-3, rtol=1e-3)
