@@ -53,8 +53,8 @@ from legend_hf.data_io import DEFAULT_DIRECTION, GEMMA_DIRECTION, default_fit_da
 from legend_hf.evaluation import LabelledPairs  # noqa: E402
 from legend_hf.fitting import direction_from_states, layer_scores  # noqa: E402
 from legend_hf.formatting import Conversation, TextTemplate, to_conversation  # noqa: E402
-from legend_hf.hidden_states import TextReader  # noqa: E402
 from legend_hf.models import load_model, num_layers  # noqa: E402
+from legend_hf.reader import TextReader  # noqa: E402
 from legend_hf.recipes import balanced_harmless, length_direction  # noqa: E402
 from legend_hf.stats import roc_auc, spearman  # noqa: E402
 

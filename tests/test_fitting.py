@@ -162,8 +162,8 @@ def test_a_repe_style_template_reads_the_pair_through_a_question(tiny_llama_path
     state is the question's final token. It fits, saves, loads and scores like any template."""
     from legend_hf import SafetyDirection, Scorer
     from legend_hf.formatting import TextTemplate
-    from legend_hf.hidden_states import TextReader
     from legend_hf.models import load_model
+    from legend_hf.reader import TextReader
 
     question = "Request: {prompt}\nResponse: {response}\nIs the response harmful? The response is"
     direction = fit_direction(str(tiny_llama_path), HARMFUL, template=question)
