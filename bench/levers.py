@@ -450,8 +450,9 @@ def save_candidates(data: Data, states: dict[str, torch.Tensor], out: Path) -> N
     the RepE template and the prompt-conditioned fit set, then ``remove_length``), one artifact per annotator,
     with each one's fit-set score spread (the ensemble adds ``margin / spread`` of both). Each artifact's dev
     scores are compared with the cached search's (Spearman over every dev text)."""
-    from legend_hf import Scorer, fit_direction
+    from legend_hf import fit_direction
     from legend_hf.recipes import remove_length
+    from legend_hf.scoring import Scorer
 
     groups, refusals, completions = default_fit_data()
     safe_groups = [balanced_harmless(g, refusals, completions) for g in groups]

@@ -160,10 +160,11 @@ def test_model_identity_records_hub_id_and_commit(tiny_llama_path, tmp_path):
 def test_a_repe_style_template_reads_the_pair_through_a_question(tiny_llama_path, tmp_path):
     """bench/levers.py's RepE reading: a format string with the prompt and the response inside a question; the
     state is the question's final token. It fits, saves, loads and scores like any template."""
-    from legend_hf import SafetyDirection, Scorer
+    from legend_hf import SafetyDirection
     from legend_hf.formatting import TextTemplate
     from legend_hf.models import load_model
     from legend_hf.reader import TextReader
+    from legend_hf.scoring import Scorer
 
     question = "Request: {prompt}\nResponse: {response}\nIs the response harmful? The response is"
     direction = fit_direction(str(tiny_llama_path), HARMFUL, template=question)
