@@ -37,11 +37,10 @@ tokenisation is timed everywhere; each row is the fastest of ``--repeats`` runs.
    copies) over that run's wall time.
 4. Levers, each a variation of the default at the last layer, with a verdict (:data:`VERDICTS`):
    ``dtype=float32``; a model object loaded in bf16 (packed, but the residual stream bf16 too);
-   ``packing=False`` (padded batches, which is also the pre-0.3 behaviour); q/k/v and gate/up as separate
-   matmuls instead of fused ones; ``share_prompt=False`` (decoders); ``max_tokens_per_batch`` at half and
-   twice the device's default (1024 and 4096 on a CPU); with ``--compile``, ``torch.compile`` of the bf16
-   bare base model (``dynamic=True``, ``torch._inductor.config.freezing = True``) over the raw forward's
-   batches (steady state timed; the compile, i.e. the first passes, in the label); with ``--openvino``,
+   ``packing=False`` (padded batches, which is also the pre-0.3 behaviour); ``share_prompt=False`` (decoders);
+   ``max_tokens_per_batch`` at half and twice the device's default (1024 and 4096 on a CPU); with
+   ``--compile``, ``torch.compile`` of the bf16 bare base model (``dynamic=True``,
+   ``torch._inductor.config.freezing = True``) over the raw forward's batches (steady state timed; the compile, i.e. the first passes, in the label); with ``--openvino``,
    the fp32 bare base model converted by ``openvino.convert_model`` and compiled with
    ``INFERENCE_PRECISION_HINT`` f32 and bf16 and ``INFERENCE_NUM_THREADS`` = the thread count, over the
    raw forward's batches (conversion and compile seconds in the label).
@@ -125,7 +124,6 @@ VERDICTS: dict[str, str] = {
     "dtype=float32": "option (exact)",
     "pure bf16": "dropped (fidelity)",
     "packing=False": "kept (packing on)",
-    "unfused": "kept (fused)",
     "share_prompt=False": "kept (sharing on)",
     "max_tokens_per_batch": "kept ({default})",
     "torch.compile": "dropped (warm-up)",
@@ -576,10 +574,6 @@ def worker_legend(spec: Row) -> Row:
 
     options = dict(spec["options"])
     pure = options.pop("pure_bf16", False)  # a bf16 model object runs as loaded: bf16 residual stream too
-    if options.pop("unfused", False):  # sibling projections as separate matmuls (pre-fusion)
-        from legend_hf import precision
-
-        precision.fuse_siblings = lambda model: model
     if spec["random"]:
         # A model object runs as it is unless a dtype is given: give the one legend-hf would pick.
         if not pure:
@@ -800,8 +794,6 @@ def legend_variants(args: argparse.Namespace, num_layers: int, mid: int, decoder
             {"packing": False},
         ),
     ]
-    # Sibling projections fused into one matmul: part of the mixed-precision default (legend_hf.precision).
-    levers.append(("unfused", "q/k/v (and gate/up) as separate matmuls", {"unfused": True}))
     if decoder:  # encoders have no prompt to share
         levers.append(("share_prompt=False", "share_prompt=False", {"share_prompt": False}))
     for tokens in (budget // 2, budget * 2):

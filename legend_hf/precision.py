@@ -20,8 +20,6 @@ from torch import nn
 
 HALF_DTYPES = ("bfloat16", "float16")
 ROW_BUCKET = 64  # CPU half-precision matmuls run on a multiple of this many rows (see _bucketed)
-# Sibling linear layers that read the same input (attention projections, gated-MLP inputs): fused into one matmul.
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -51,16 +49,14 @@ def mixed_precision(model: nn.Module, dtype: str) -> nn.Module:
     """Matmul layers in ``dtype`` (their inputs cast on the way in), every other parameter float32.
 
     The residual stream then stays float32 (a float32 stream plus a half-precision block output is float32),
-    as do the norms that read it. Sibling layers reading one input run as one matmul (:func:`fuse_siblings`),
-    the cast of a layer's input is reused by any other layer reading the same tensor, and rotary position
-    tables are cast once, so the speed is that of a pure half-precision model. Attention inputs of mixed
-    dtypes are harmonised by the packed attention function. The model is changed in place.
+    as do the norms that read it. The cast of a layer's input is reused by the next layer reading the same
+    tensor (q/k/v, gate/up), and rotary position tables are cast once, so the speed is that of a pure
+    half-precision model. Attention inputs of mixed dtypes are harmonised by the packed attention function.
     """
     from torch.utils.weak import WeakIdKeyDictionary
 
     half = getattr(torch, dtype)
     model.float()
-    fuse_siblings(model)
     casts = WeakIdKeyDictionary()  # input tensor -> its cast, dropped with the input
     shapes = WeakIdKeyDictionary()  # a cast padded to whole buckets of rows -> the input's leading shape
 
@@ -90,70 +86,6 @@ def mixed_precision(model: nn.Module, dtype: str) -> nn.Module:
     for module in model.modules():
         if type(module).__name__.endswith("RotaryEmbedding"):
             module.register_forward_hook(lambda m, a, out: tuple(t.to(half) for t in out))
-    return model
-
-
-class FusedLinear(nn.Linear):
-    """Sibling linear layers reading the same input (:data:`SIBLINGS`) as one matmul over their stacked weights.
-
-    One wide matmul runs faster than two or three narrow ones (bench/README.md: gate and up projections fused
-    take ~0.3-0.6x the time of the two); each sibling is replaced by a :class:`LinearPart` returning its columns.
-    """
-
-    def __init__(self, layers: list[nn.Linear]) -> None:
-        nn.Module.__init__(self)  # not nn.Linear's: it would allocate and initialise a weight first
-        first = layers[0]
-        self.in_features, self.out_features = first.in_features, sum(layer.out_features for layer in layers)
-        self.weight = nn.Parameter(
-            torch.cat([layer.weight.detach() for layer in layers]), requires_grad=False
-        )
-        biases = [layer.bias.detach() for layer in layers if layer.bias is not None]
-        self.register_parameter(
-            "bias", nn.Parameter(torch.cat(biases), requires_grad=False) if biases else None
-        )
-        self.sizes = [layer.out_features for layer in layers]
-        self._input: torch.Tensor | None = None  # the input whose parts are not all taken yet
-        self._parts: tuple[torch.Tensor, ...] = ()
-        self._left = 0
-
-    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Sibling ``index``'s output for ``x``; the fused matmul runs once per input."""
-        if self._input is not x:
-            self._input, self._parts, self._left = x, self(x).split(self.sizes, dim=-1), len(self.sizes)
-        out = self._parts[index]
-        self._left -= 1
-        if self._left == 0:  # every sibling has its part: let the activations go
-            self._input, self._parts = None, ()
-        return out
-
-
-class LinearPart(nn.Module):
-    """One sibling of a :class:`FusedLinear`: behaves as the ``nn.Linear`` it replaced."""
-
-    def __init__(self, fused: FusedLinear, index: int) -> None:
-        super().__init__()
-        self.fused = [fused]  # a list: the parent module registers the fused layer, not each part
-        self.index = index
-        self.in_features, self.out_features = fused.in_features, fused.sizes[index]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fused[0].part(self.index, x)
-
-
-def fuse_siblings(model: nn.Module) -> nn.Module:
-    """Replace each group of :data:`SIBLINGS` linear layers by a :class:`FusedLinear` (in place)."""
-    for parent in list(model.modules()):
-        for names in SIBLINGS:
-            layers = [getattr(parent, name, None) for name in names]
-            if not all(type(layer) is nn.Linear for layer in layers):
-                continue
-            linears = [layer for layer in layers if isinstance(layer, nn.Linear)]
-            if len({(x.in_features, x.bias is None, x.weight.dtype) for x in linears}) != 1:
-                continue
-            fused = FusedLinear(linears)
-            parent.add_module("fused_" + "_".join(names), fused)
-            for index, name in enumerate(names):
-                setattr(parent, name, LinearPart(fused, index))
     return model
 
 

@@ -78,30 +78,3 @@ def test_cpu_half_matmuls_run_on_whole_buckets_of_rows(tiny_llama_path, monkeypa
     assert sum(len(ids) for ids in IDS) in rows
     for k in unpadded:
         torch.testing.assert_close(bucketed[k], unpadded[k], rtol=1e-2, atol=1e-2)
-
-
-def test_sibling_projections_run_as_one_matmul_with_the_same_results(tiny_llama_path, tiny_bert_path):
-    """q/k/v and gate/up fused into one wide matmul (faster on a CPU): exact in float32, one call per input."""
-    for path in (tiny_llama_path, tiny_bert_path):
-        model = AutoModel.from_pretrained(path).eval()
-        plain = LayerReader(model, [1, -1], "last").read(IDS, pad_id=0)
-        fused = precision.fuse_siblings(model)
-        parts = [m for m in fused.modules() if isinstance(m, precision.LinearPart)]
-        names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "query", "key", "value")
-        assert parts and not any(
-            type(getattr(m, n, None)) is torch.nn.Linear for m in fused.modules() for n in names
-        )
-        calls: list[int] = []
-        for layer in fused.modules():
-            if isinstance(layer, precision.FusedLinear):
-                layer.register_forward_hook(lambda m, a, out, calls=calls: calls.append(out.shape[-1]))
-        again = LayerReader(fused, [1, -1], "last").read(IDS, pad_id=0)
-        n_fused = sum(isinstance(m, precision.FusedLinear) for m in fused.modules())
-        assert len(calls) == n_fused  # each fused matmul ran once for the pack, not once per sibling
-        for k in plain:
-            torch.testing.assert_close(again[k], plain[k], rtol=1e-5, atol=1e-5)
-    mixed, _ = load_model(str(tiny_llama_path), runtime=RuntimeOptions(dtype="bfloat16"))
-    assert {type(mixed.layers[0].self_attn.q_proj), type(mixed.layers[0].mlp.up_proj)} == {
-        precision.LinearPart
-    }
-    assert {layer.weight.dtype for layer in matmul_layers(mixed)} == {torch.bfloat16}
