@@ -46,13 +46,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dev_sets  # noqa: E402
-from grading import graded, graded_pairs  # noqa: E402
+from grading import graded, graded_pairs, user  # noqa: E402
 
 from legend_hf import RuntimeOptions, SafetyDirection  # noqa: E402
 from legend_hf.data_io import DEFAULT_DIRECTION, GEMMA_DIRECTION, default_fit_data, load_data  # noqa: E402
-from legend_hf.evaluation import LabelledPairs  # noqa: E402
 from legend_hf.fitting import direction_from_states, layer_scores  # noqa: E402
-from legend_hf.formatting import Conversation, TextTemplate, to_conversation  # noqa: E402
+from legend_hf.formatting import Conversation, TextTemplate  # noqa: E402
+from legend_hf.labels import LabelledPairs  # noqa: E402
 from legend_hf.models import load_model, num_layers  # noqa: E402
 from legend_hf.reader import TextReader  # noqa: E402
 from legend_hf.recipes import balanced_harmless, length_direction  # noqa: E402
@@ -87,10 +87,6 @@ METRICS = {  # key -> (column, goal)
 }
 
 
-def conv(prompt: Any, response: str) -> Conversation:
-    return to_conversation(prompt, response, prompt_column="prompt", response_column="response")
-
-
 # ----- data --------------------------------------------------------------------------------------------------
 
 
@@ -116,24 +112,24 @@ def build(data_dir: Path, n_hh: int) -> Data:
     d = Data()
     groups, refusals, completions = default_fit_data()
     for name, group in zip(("advbench", "fit_harmful"), groups, strict=True):
-        d.groups[f"harmful:{name}"] = [d.add(conv(r["prompt"], r["response"])) for r in group]
+        d.groups[f"harmful:{name}"] = [d.add(user(r["prompt"], r["response"])) for r in group]
         d.lengths[f"harmful:{name}"] = [len(r["response"]) for r in group]
         safe = balanced_harmless(group, refusals, completions)
-        d.groups[f"safe:{name}"] = [d.add(conv(r["prompt"], r["response"])) for r in safe]
+        d.groups[f"safe:{name}"] = [d.add(user(r["prompt"], r["response"])) for r in safe]
         d.lengths[f"safe:{name}"] = [len(r["response"]) for r in safe]
     generated = dev_sets.load_generated()
     xs_fit = [r for r in generated if r["split"] == "fit" and r["label"] == "compliance"]
     d.groups["cond:safe"] = [
-        d.add(conv(r["prompt"], r["response"])) for r in xs_fit if r["prompt_label"] == "safe"
+        d.add(user(r["prompt"], r["response"])) for r in xs_fit if r["prompt_label"] == "safe"
     ]
     d.groups["cond:harmful"] = [
-        d.add(conv(r["prompt"], r["response"])) for r in xs_fit if r["prompt_label"] == "unsafe"
+        d.add(user(r["prompt"], r["response"])) for r in xs_fit if r["prompt_label"] == "unsafe"
     ]
     # generated dev responses
     dev = [r for r in generated if r["split"] == "dev"]
     prompt_ids = {p: i for i, p in enumerate(sorted({r["prompt"] for r in dev}))}
     gen = {
-        "text": [d.add(conv(r["prompt"], r["response"])) for r in dev],
+        "text": [d.add(user(r["prompt"], r["response"])) for r in dev],
         "harmful": [dev_sets.is_harmful(r) for r in dev],
         "prompt": [prompt_ids[r["prompt"]] for r in dev],
         "source": [r["source"] for r in dev],
@@ -158,7 +154,7 @@ def build(data_dir: Path, n_hh: int) -> Data:
     hh = hh.select(range(min(n_hh, len(hh))))
     d.sets["hh"] = [(d.add(c), d.add(r)) for c, r in zip(hh.chosen, hh.rejected, strict=True)]
     d.sets["pku"] = [
-        (d.add(conv(p["prompt"], p["chosen"])), d.add(conv(p["prompt"], p["rejected"])))
+        (d.add(user(p["prompt"], p["chosen"])), d.add(user(p["prompt"], p["rejected"])))
         for p in dev_sets.pku_pairs(data_dir)
     ]
     gp, prompt_of = graded_pairs(graded("dev"))

@@ -256,7 +256,14 @@ class LayerReader:
             if on_batch is not None:
                 on_batch(len(batch))
 
-        self._run_batches([len(x) for x in input_ids], run, max_tokens, max_batch_size)
+        run_batches(
+            [len(x) for x in input_ids],
+            run,
+            max_tokens,
+            max_batch_size,
+            packing=self.packing,
+            device=self.device,
+        )
 
     def read_pairs(
         self,
@@ -337,16 +344,7 @@ class LayerReader:
 
         # Tokens each pair computes: its prompt once, both continuations.
         cost = [len(first[i]) + len(second[i]) - shared[i] - skip for i in sharing]
-        self._run_batches(cost, run, max_tokens, max_batch_size)
-
-    def _run_batches(
-        self,
-        costs: Sequence[int],
-        run: Callable[[list[int]], None],
-        max_tokens: int,
-        max_batch_size: int | None,
-    ) -> None:
-        run_batches(costs, run, max_tokens, max_batch_size, packing=self.packing, device=self.device)
+        run_batches(cost, run, max_tokens, max_batch_size, packing=self.packing, device=self.device)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
