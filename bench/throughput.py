@@ -38,7 +38,9 @@ tokenisation is timed everywhere; each row is the fastest of ``--repeats`` runs.
 4. Levers, each a variation of the default at the last layer, with a verdict (:data:`VERDICTS`):
    ``dtype=float32``; a model object loaded in bf16 (packed, but the residual stream bf16 too);
    ``packing=False`` (padded batches, which is also the pre-0.3 behaviour); ``share_prompt=False`` (decoders);
-   ``max_tokens_per_batch`` at half and twice the device's default (1024 and 4096 on a CPU); with
+   ``max_tokens_per_batch`` at half and twice the device's default (1024 and 4096 on a CPU); on a CPU, the
+   gated MLP unfused (``legend_hf.precision.fuse_gated_mlp`` off: SiLU and product as separate bf16 passes)
+   and glibc's malloc defaults (``legend_hf.batching.retain_freed_memory`` off); with
    ``--compile``, ``torch.compile`` of the bf16 bare base model (``dynamic=True``,
    ``torch._inductor.config.freezing = True``) over the raw forward's batches (steady state timed; the compile, i.e. the first passes, in the label); with ``--openvino``,
    the fp32 bare base model converted by ``openvino.convert_model`` and compiled with
@@ -126,6 +128,8 @@ VERDICTS: dict[str, str] = {
     "packing=False": "kept (packing on)",
     "share_prompt=False": "kept (sharing on)",
     "max_tokens_per_batch": "kept ({default})",
+    "unfused MLP": "kept (fused)",
+    "malloc defaults": "kept (retained)",
     "torch.compile": "dropped (warm-up)",
     "OpenVINO": "dropped (no faster)",
 }
@@ -574,6 +578,14 @@ def worker_legend(spec: Row) -> Row:
 
     options = dict(spec["options"])
     pure = options.pop("pure_bf16", False)  # a bf16 model object runs as loaded: bf16 residual stream too
+    if options.pop("unfused_mlp", False):  # this subprocess only
+        import legend_hf.precision
+
+        legend_hf.precision.fuse_gated_mlp = lambda mlp, cast: None
+    if options.pop("malloc_defaults", False):
+        import legend_hf.batching
+
+        legend_hf.batching.retain_freed_memory = lambda: False  # type: ignore[assignment]
     if spec["random"]:
         # A model object runs as it is unless a dtype is given: give the one legend-hf would pick.
         if not pure:
@@ -796,6 +808,22 @@ def legend_variants(args: argparse.Namespace, num_layers: int, mid: int, decoder
     ]
     if decoder:  # encoders have no prompt to share
         levers.append(("share_prompt=False", "share_prompt=False", {"share_prompt": False}))
+    if decoder and not args.device.startswith("cuda"):  # CPU-only levers (decoders with a gated SiLU MLP)
+        levers.append(
+            (
+                "unfused MLP",
+                "gated MLP unfused (SiLU and product as separate bf16 passes)",
+                {"unfused_mlp": True},
+            )
+        )
+    if not args.device.startswith("cuda"):
+        levers.append(
+            (
+                "malloc defaults",
+                "glibc malloc defaults (freed activations go back to the OS)",
+                {"malloc_defaults": True},
+            )
+        )
     for tokens in (budget // 2, budget * 2):
         levers.append(
             ("max_tokens_per_batch", f"max_tokens_per_batch={tokens}", {"max_tokens_per_batch": tokens})

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from legend_hf import batching
 from legend_hf.batching import length_batches
 from legend_hf.hidden_states import LayerReader, pool
 from legend_hf.models import is_decoder, normalize_layer
@@ -134,3 +138,13 @@ def test_out_of_memory_halves_the_budget_and_loses_nothing(tiny_llama_path, monk
         torch.testing.assert_close(got_side[2], expected_side[2], atol=1e-5, rtol=0)
     with pytest.raises(torch.OutOfMemoryError, match=r"single text or pair \(200 tokens\)"):
         reader.read([[101] * 200], pad_id=0)
+
+
+def test_cpu_reads_keep_freed_memory_for_the_next_batch(tiny_llama_path):
+    """glibc keeps freed activation blocks instead of page-faulting them in again for every layer."""
+    model = AutoModel.from_pretrained(tiny_llama_path).eval()
+    batching.retain_freed_memory.cache_clear()
+    LayerReader(model, [-1], "last").read([[1, 2, 3]], pad_id=0)
+    glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    assert batching.retain_freed_memory() is glibc
+    assert batching.retain_freed_memory.cache_info().hits >= 1  # the read called it first

@@ -78,3 +78,17 @@ def test_cpu_half_matmuls_run_on_whole_buckets_of_rows(tiny_llama_path, monkeypa
     assert sum(len(ids) for ids in IDS) in rows
     for k in unpadded:
         torch.testing.assert_close(bucketed[k], unpadded[k], rtol=1e-2, atol=1e-2)
+
+
+def test_cpu_bfloat16_gated_mlps_fuse_the_activation_into_the_matmuls(tiny_llama_path, monkeypatch):
+    """The fused MLP computes what the model's own bf16 MLP does (to the bf16 band), and replaces it."""
+    fused_model, _ = load_model(str(tiny_llama_path), runtime=RuntimeOptions(dtype="bfloat16"))
+    assert all("forward" in vars(block.mlp) for block in fused_model.layers)
+    monkeypatch.setattr(precision, "fuse_gated_mlp", lambda mlp, cast: None)
+    plain_model, _ = load_model(str(tiny_llama_path), runtime=RuntimeOptions(dtype="bfloat16"))
+    assert not any("forward" in vars(block.mlp) for block in plain_model.layers)
+    fused = LayerReader(fused_model, [2, -1], "last").read(IDS, pad_id=0)
+    plain = LayerReader(plain_model, [2, -1], "last").read(IDS, pad_id=0)
+    for k in fused:
+        cosine = torch.nn.functional.cosine_similarity(fused[k], plain[k])
+        assert cosine.min() > 0.999, cosine
