@@ -8,8 +8,8 @@ A half-precision model (bfloat16, float16) on the packed path (:mod:`legend_hf.p
 matmul layers' weights and outputs are half precision, while the residual stream, the embeddings and the
 norms stay float32. Rounding the residual stream to bf16 after every block is what costs margins most
 (bench/README.md: Spearman to float32 0.988 -> 0.998 on 48 HH-RLHF pairs at no cost in speed). Models
-that cannot pack run wholly in the dtype asked for. On a CPU in bfloat16, gated SiLU MLPs (Llama, Mistral, Qwen)
-run the activation and the product inside the gate and up matmuls (:func:`fuse_gated_mlp`).
+that cannot pack run wholly in the dtype asked for. On a CPU with native bf16, gated SiLU MLPs (Llama, Mistral,
+Qwen) run the activation and the product inside the gate and up matmuls (:func:`fuse_gated_mlp`).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def mixed_precision(model: nn.Module, dtype: str) -> nn.Module:
     for module in model.modules():
         if type(module).__name__.endswith("RotaryEmbedding"):
             module.register_forward_hook(lambda m, a, out: tuple(t.to(half) for t in out))
-    if half == torch.bfloat16 and torch.backends.mkldnn.is_available():
+    if half == torch.bfloat16 and native_bf16(torch.device("cpu")) and torch.backends.mkldnn.is_available():
         for module in model.modules():
             if is_gated_silu_mlp(module):
                 fuse_gated_mlp(module, cast)
