@@ -40,7 +40,10 @@ tokenisation is timed everywhere; each row is the fastest of ``--repeats`` runs.
    ``packing=False`` (padded batches, which is also the pre-0.3 behaviour); ``share_prompt=False`` (decoders);
    ``max_tokens_per_batch`` at half and twice the device's default (1024 and 4096 on a CPU); on a CPU, the
    gated MLP unfused (``legend_hf.precision.fuse_gated_mlp`` off: SiLU and product as separate bf16 passes)
-   and glibc's malloc defaults (``legend_hf.batching.retain_freed_memory`` off); with
+   and glibc's malloc defaults (``legend_hf.batching.retain_freed_memory`` off); on a CPU with several threads,
+   batches in turn (one batch at a time, its ops on every thread, as before ``legend_hf.batching._run_pending``
+   ran one batch per thread); on a CPU, masked attention in float32 over unpadded keys (continuations, as
+   before ``legend_hf.packing.KEY_BUCKET``); with
    ``--compile``, ``torch.compile`` of the bf16 bare base model (``dynamic=True``,
    ``torch._inductor.config.freezing = True``) over the raw forward's batches (steady state timed; the compile, i.e. the first passes, in the label); with ``--openvino``,
    the fp32 bare base model converted by ``openvino.convert_model`` and compiled with
@@ -130,6 +133,8 @@ VERDICTS: dict[str, str] = {
     "max_tokens_per_batch": "kept ({default})",
     "unfused MLP": "kept (fused)",
     "malloc defaults": "kept (retained)",
+    "batches in turn": "kept (side by side)",
+    "float32 masked attention": "kept (bf16, bucketed keys)",
     "torch.compile": "dropped (warm-up)",
     "OpenVINO": "dropped (no faster)",
 }
@@ -586,6 +591,26 @@ def worker_legend(spec: Row) -> Row:
         import legend_hf.batching
 
         legend_hf.batching.retain_freed_memory = lambda: False  # type: ignore[assignment]
+    if options.pop("batches_in_turn", False):
+        import legend_hf.batching
+
+        side_by_side = legend_hf.batching._run_pending  # runs batches in turn on any device but a CPU
+        legend_hf.batching._run_pending = lambda pending, run, device: side_by_side(  # type: ignore[assignment]
+            pending, run, torch.device("meta")
+        )
+    if options.pop("float32_masked_attention", False):
+        import legend_hf.packing
+
+        per_text = legend_hf.packing._per_text
+
+        def float32_masked(query: Any, key: Any, value: Any, pack: Any, lengths: Any, *rest: Any) -> Any:
+            window = rest[-1]
+            masked = pack.prefix is not None or (window is not None and max(lengths) > window)
+            if not masked or query.dtype == torch.float32:
+                return per_text(query, key, value, pack, lengths, *rest)
+            return per_text(query.float(), key.float(), value.float(), pack, lengths, *rest).to(query.dtype)
+
+        legend_hf.packing._per_text = float32_masked  # type: ignore[assignment]
     if spec["random"]:
         # A model object runs as it is unless a dtype is given: give the one legend-hf would pick.
         if not pure:
@@ -789,7 +814,9 @@ def default_budget(device: str) -> int:
     return GPU_TOKENS if device.startswith("cuda") else CPU_TOKENS
 
 
-def legend_variants(args: argparse.Namespace, num_layers: int, mid: int, decoder: bool) -> list[Row]:
+def legend_variants(
+    args: argparse.Namespace, num_layers: int, mid: int, decoder: bool, threads: int
+) -> list[Row]:
     """The legend-hf rows: the default at the last layer and at mid depth, then each lever at the last
     layer (``--skip-reference``: the float32 lever at mid depth too, the mid rows' fidelity reference)."""
     budget = default_budget(args.device)
@@ -824,6 +851,22 @@ def legend_variants(args: argparse.Namespace, num_layers: int, mid: int, decoder
                 {"malloc_defaults": True},
             )
         )
+    if not args.device.startswith("cuda"):
+        levers.append(
+            (
+                "float32 masked attention",
+                "masked attention in float32 over unpadded keys (continuations)",
+                {"float32_masked_attention": True},
+            )
+        )
+        if threads > 1:
+            levers.append(
+                (
+                    "batches in turn",
+                    "batches in turn, each op on every thread (not one batch per thread)",
+                    {"batches_in_turn": True},
+                )
+            )
     for tokens in (budget // 2, budget * 2):
         levers.append(
             ("max_tokens_per_batch", f"max_tokens_per_batch={tokens}", {"max_tokens_per_batch": tokens})
@@ -911,7 +954,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> list[Row]:
                     for dtype in ("float32", "bfloat16")
                 }
                 legend = []
-                for i, variant in enumerate(legend_variants(args, n_layers, mid, info["decoder"])):
+                for i, variant in enumerate(legend_variants(args, n_layers, mid, info["decoder"], threads)):
                     spec = {
                         **shared,
                         "mode": "legend",

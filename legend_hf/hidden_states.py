@@ -10,7 +10,9 @@ formats and tokenises the texts it reads.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,9 +105,12 @@ class LayerReader:
         captured: dict[int, torch.Tensor] = {}
         deepest = self.layers[-1]
         handles = []
+        thread = threading.get_ident()  # other threads may run the model at the same time (batching)
 
         def capture(index: int) -> Any:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
+                if threading.get_ident() != thread:
+                    return
                 captured[index] = output[0] if isinstance(output, tuple) else output
                 if index == deepest:
                     raise _StopForward
@@ -113,6 +118,8 @@ class LayerReader:
             return hook
 
         def capture_input(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if threading.get_ident() != thread:
+                return
             captured[0] = args[0] if args else kwargs["hidden_states"]
             if deepest == 0:
                 raise _StopForward
@@ -190,6 +197,9 @@ class LayerReader:
         _, sums = self.run_pack([texts[0][:n]], root)
         return root, sums, n
 
+    def _packed(self) -> AbstractContextManager[None]:
+        return packed_attention(self.model) if self.packing else nullcontext()
+
     def reading(self, n: int) -> Reading:
         config: Any = self.model.config
         return Reading(self.layers, n, int(config.hidden_size))
@@ -239,31 +249,36 @@ class LayerReader:
                     f"text {index[i]} has no tokens: give it a template or a non-empty prompt/response"
                 )
 
-        root, root_sums, skip = (None, None, 0)
-        if self.can_share_prefix:
-            root, root_sums, skip = self._root(input_ids, min(map(len, input_ids), default=1) - 1)
+        with self._packed():  # for the whole read: threads must not swap it back midway
+            done = threading.Lock()  # batches may finish on several threads at once (batching.run_batches)
+            root, root_sums, skip = (None, None, 0)
+            if self.can_share_prefix:
+                root, root_sums, skip = self._root(input_ids, min(map(len, input_ids), default=1) - 1)
 
-        def run(batch: list[int]) -> None:
-            texts = [input_ids[i][skip:] for i in batch]
-            if self.packing:
-                pack = Pack(
-                    [len(x) for x in texts], prefix=root, prefix_of=None if root is None else [0] * len(batch)
-                )
-                states = self.run_pack(texts, pack, root_sums)[0]
-            else:
-                states = self(*pad(texts, pad_id, padding_side))
-            reading.batches.append(([index[i] for i in batch], states))
-            if on_batch is not None:
-                on_batch(len(batch))
+            def run(batch: list[int]) -> None:
+                texts = [input_ids[i][skip:] for i in batch]
+                if self.packing:
+                    pack = Pack(
+                        [len(x) for x in texts],
+                        prefix=root,
+                        prefix_of=None if root is None else [0] * len(batch),
+                    )
+                    states = self.run_pack(texts, pack, root_sums)[0]
+                else:
+                    states = self(*pad(texts, pad_id, padding_side))
+                with done:
+                    reading.batches.append(([index[i] for i in batch], states))
+                    if on_batch is not None:
+                        on_batch(len(batch))
 
-        run_batches(
-            [len(x) for x in input_ids],
-            run,
-            max_tokens,
-            max_batch_size,
-            packing=self.packing,
-            device=self.device,
-        )
+            run_batches(
+                [len(x) for x in input_ids],
+                run,
+                max_tokens,
+                max_batch_size,
+                packing=self.packing,
+                device=self.device,
+            )
 
     def read_pairs(
         self,
@@ -326,25 +341,34 @@ class LayerReader:
         sharing = [i for i, s in enumerate(shared) if s > 0]
         if not sharing:
             return
-        # The beginning all prompts share runs once; each prompt keeps at least one token of its own.
-        root, root_sums, skip = self._root([first[i] for i in sharing], min(shared[i] for i in sharing) - 1)
+        with self._packed():  # for the whole read: threads must not swap it back midway
+            done = threading.Lock()  # batches may finish on several threads at once (batching.run_batches)
+            # The beginning all prompts share runs once; each prompt keeps at least one token of its own.
+            root, root_sums, skip = self._root(
+                [first[i] for i in sharing], min(shared[i] for i in sharing) - 1
+            )
 
-        def run(group: list[int]) -> None:
-            batch = [sharing[j] for j in group]
-            prefixes = [first[i][skip : shared[i]] for i in batch]
-            suffixes = [first[i][shared[i] :] for i in batch] + [second[i][shared[i] :] for i in batch]
-            of_root = None if root is None else [0] * len(batch)
-            prefix = Pack([len(p) for p in prefixes], keep=True, prefix=root, prefix_of=of_root)
-            prefix_sums = self.run_pack(prefixes, prefix, root_sums)[1]
-            continuation = Pack([len(s) for s in suffixes], prefix=prefix, prefix_of=[*range(len(batch))] * 2)
-            states = self.run_pack(suffixes, continuation, prefix_sums)[0]
-            reading.batches.append(([at_first[i] for i in batch] + [at_second[i] for i in batch], states))
-            if on_batch is not None:
-                on_batch(2 * len(batch))
+            def run(group: list[int]) -> None:
+                batch = [sharing[j] for j in group]
+                prefixes = [first[i][skip : shared[i]] for i in batch]
+                suffixes = [first[i][shared[i] :] for i in batch] + [second[i][shared[i] :] for i in batch]
+                of_root = None if root is None else [0] * len(batch)
+                prefix = Pack([len(p) for p in prefixes], keep=True, prefix=root, prefix_of=of_root)
+                prefix_sums = self.run_pack(prefixes, prefix, root_sums)[1]
+                continuation = Pack(
+                    [len(s) for s in suffixes], prefix=prefix, prefix_of=[*range(len(batch))] * 2
+                )
+                states = self.run_pack(suffixes, continuation, prefix_sums)[0]
+                with done:
+                    reading.batches.append(
+                        ([at_first[i] for i in batch] + [at_second[i] for i in batch], states)
+                    )
+                    if on_batch is not None:
+                        on_batch(2 * len(batch))
 
-        # Tokens each pair computes: its prompt once, both continuations.
-        cost = [len(first[i]) + len(second[i]) - shared[i] - skip for i in sharing]
-        run_batches(cost, run, max_tokens, max_batch_size, packing=self.packing, device=self.device)
+            # Tokens each pair computes: its prompt once, both continuations.
+            cost = [len(first[i]) + len(second[i]) - shared[i] - skip for i in sharing]
+            run_batches(cost, run, max_tokens, max_batch_size, packing=self.packing, device=self.device)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

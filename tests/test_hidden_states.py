@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 
 import pytest
 import torch
@@ -108,7 +109,79 @@ def test_progress_counts_every_text_once(tiny_llama_path):
         assert sum(done) == 6 and len(done) == (6 if max_tokens == 1 else 1)
 
 
-def test_out_of_memory_halves_the_budget_and_loses_nothing(tiny_llama_path, monkeypatch, caplog):
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """Run the test with one and with two torch threads (two: batches run side by side on a CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(threads)
+
+
+def test_cpu_batches_run_side_by_side_as_in_a_one_thread_read(tiny_llama_path, monkeypatch):
+    """With two torch threads, two batches run at once, each on one op thread; the states equal a one-thread
+    read's, and the caller's thread count is back afterwards."""
+    model = AutoModel.from_pretrained(tiny_llama_path).eval()
+    reader = LayerReader(model, [1, 2], "mean")
+    first = [[101] + list(range(1000, 1000 + n)) + [7, 102] for n in (3, 40, 7, 19, 1, 33)]
+    second = [[101] + list(range(1000, 1000 + n)) + [8, 9, 102] for n in (3, 40, 7, 19, 1, 33)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = reader.read_pairs(first, second, pad_id=0, max_tokens=60)
+        expected_single = reader.read(first + second, pad_id=0, max_tokens=60)
+        torch.set_num_threads(2)
+        forward = LayerReader.forward_pack
+        together = threading.Barrier(2, timeout=30)
+        workers: dict[int, int] = {}  # thread -> its torch thread count
+
+        def meet(self, texts, pack):
+            if (
+                threading.current_thread() is not threading.main_thread()
+                and threading.get_ident() not in workers
+            ):
+                workers[threading.get_ident()] = torch.get_num_threads()
+                together.wait()  # both threads are inside a batch at the same time
+            return forward(self, texts, pack)
+
+        monkeypatch.setattr(LayerReader, "forward_pack", meet)
+        got = reader.read_pairs(first, second, pad_id=0, max_tokens=60)
+        assert sorted(workers.values()) == [1, 1] and torch.get_num_threads() == 2
+        workers.clear()
+        got_single = reader.read(first + second, pad_id=0, max_tokens=60)
+        assert sorted(workers.values()) == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    for got_side, expected_side in zip(got, expected, strict=True):
+        for layer in (1, 2):
+            torch.testing.assert_close(got_side[layer], expected_side[layer], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_single[2], expected_single[2], atol=1e-5, rtol=0)
+
+
+def test_an_error_in_a_batch_thread_reaches_the_caller(tiny_llama_path, monkeypatch):
+    model = AutoModel.from_pretrained(tiny_llama_path).eval()
+    reader = LayerReader(model, [2], "last")
+    forward = LayerReader.forward_pack
+
+    def failing(self, texts, pack):
+        if len(texts) == 1:
+            raise ValueError("a broken batch")
+        return forward(self, texts, pack)
+
+    monkeypatch.setattr(LayerReader, "forward_pack", failing)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match="a broken batch"):
+            reader.read([[101, 5, 102], [101, 6, 7, 102], [101] * 30], pad_id=0, max_tokens=30)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_out_of_memory_halves_the_budget_and_loses_nothing(
+    tiny_llama_path, monkeypatch, caplog, torch_threads
+):
     """A packed row over a (simulated) memory limit is retried in smaller rows; results are unchanged."""
     model = AutoModel.from_pretrained(tiny_llama_path).eval()
     reader = LayerReader(model, [2], "last")

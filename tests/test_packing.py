@@ -122,6 +122,40 @@ def test_the_gpu_varlen_call_equals_attention_text_by_text(monkeypatch, window):
     torch.testing.assert_close(packing._varlen(*args), packing._per_text(*args), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_cpu_half_precision_continuations_attend_over_whole_buckets_of_keys(monkeypatch, window):
+    """On a CPU, bf16 continuations attend over each text's keys padded (and masked) to a multiple of
+    KEY_BUCKET, which keeps oneDNN's per-shape kernels few: the result is float32's within bf16 rounding."""
+    torch.manual_seed(0)
+    prefix = Pack([4, 70], keep=True)
+    pack = Pack([3, 2, 5, 1], prefix=prefix, prefix_of=[0, 1, 0, 1])
+    heads, kv_heads, dim, tokens = 4, 2, 8, sum(pack.lengths)
+    query = torch.randn(1, heads, tokens, dim)
+    key, value = torch.randn(1, kv_heads, tokens, dim), torch.randn(1, kv_heads, tokens, dim)
+    prefix_key, prefix_value = torch.randn(1, kv_heads, 74, dim), torch.randn(1, kv_heads, 74, dim)
+    index = pack.key_index(query.device)
+    full_key, full_value = (
+        torch.cat(t, dim=2)[:, :, index] for t in ((prefix_key, key), (prefix_value, value))
+    )
+    lengths = pack.key_lengths()
+    attention = F.scaled_dot_product_attention
+    widths: list[int] = []
+
+    def spy(q, k, v, **kwargs):
+        widths.append(k.shape[2])
+        return attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(packing.F, "scaled_dot_product_attention", spy)
+    expected = packing._per_text(query, full_key, full_value, pack, lengths, True, 0.3, window)
+    assert widths == lengths  # float32: each text's own keys
+    widths.clear()
+    half = (t.bfloat16() for t in (query, full_key, full_value))
+    got = packing._per_text(*half, pack, lengths, True, 0.3, window)
+    assert widths == [-(-n // packing.KEY_BUCKET) * packing.KEY_BUCKET for n in lengths] == [64, 128, 64, 128]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=0)
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_a_beginning_every_text_shares_runs_once(tiny_llama_path, pooling):
     """A system prompt (here 12 tokens) runs once per read; texts and pairs continue it, as if read in full."""
