@@ -141,9 +141,9 @@ def _run_pending(
     then the rest stay in ``pending`` and the failed batch is returned with its error.
 
     On a CPU with ``n > 1`` torch threads, ``n`` threads each run one batch at a time, every op single-threaded
-    (torch releases the GIL inside ops): a small model's ops do not spread over threads well (the shipped
-    sample read 1.37x faster on 2 threads than on 1), while whole batches do (bench/README.md). Each batch is
-    computed as in a one-thread run, whichever thread takes it.
+    (torch releases the GIL inside ops): a small model's ops do not spread over threads well (SmolLM2 read the
+    shipped sample 1.37x faster on 2 threads than on 1), while whole batches do (1.85x; bench/README.md). Each
+    batch is computed as in a one-thread run, whichever thread takes it.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1 or len(pending) == 1:
