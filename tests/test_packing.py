@@ -103,22 +103,29 @@ def _flash_semantics(
     return out
 
 
+def _continuation(prefix_lengths: list[int]) -> tuple[Pack, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A pack of 4 texts continuing a kept pack of ``prefix_lengths`` texts, with random attention inputs: the
+    query, and each text's keys and values as the packed attention gathers them (its prefix's, then its own)."""
+    torch.manual_seed(0)
+    pack = Pack([3, 2, 5, 1], prefix=Pack(prefix_lengths, keep=True), prefix_of=[0, 1, 0, 1])
+    heads, kv_heads, dim, tokens, before = 4, 2, 8, sum(pack.lengths), sum(prefix_lengths)
+    query = torch.randn(1, heads, tokens, dim)
+    key, value = torch.randn(1, kv_heads, tokens, dim), torch.randn(1, kv_heads, tokens, dim)
+    prefix_key, prefix_value = torch.randn(1, kv_heads, before, dim), torch.randn(1, kv_heads, before, dim)
+    index = pack.key_index(query.device)
+    full_key, full_value = (
+        torch.cat(t, dim=2)[:, :, index] for t in ((prefix_key, key), (prefix_value, value))
+    )
+    return pack, query, full_key, full_value
+
+
 @pytest.mark.parametrize("window", [None, 3])
 def test_the_gpu_varlen_call_equals_attention_text_by_text(monkeypatch, window):
     """The GPU path's layout (one row of tokens, cumulative lengths, prefix keys gathered per text), checked
     against the CPU path with a kernel that follows flash-attention's documented contract."""
     monkeypatch.setattr(packing, "_varlen_kernel", lambda: _flash_semantics)
-    torch.manual_seed(0)
-    prefix = Pack([4, 6], keep=True)
-    pack = Pack([3, 2, 5, 1], prefix=prefix, prefix_of=[0, 1, 0, 1])
-    heads, kv_heads, dim, tokens = 4, 2, 8, sum(pack.lengths)
-    query = torch.randn(1, heads, tokens, dim)
-    key, value = torch.randn(1, kv_heads, tokens, dim), torch.randn(1, kv_heads, tokens, dim)
-    prefix_key, prefix_value = torch.randn(1, kv_heads, 10, dim), torch.randn(1, kv_heads, 10, dim)
-    full_key = torch.cat([prefix_key, key], dim=2)[:, :, pack.key_index(query.device)]
-    full_value = torch.cat([prefix_value, value], dim=2)[:, :, pack.key_index(query.device)]
-    lengths = pack.key_lengths()
-    args = (query, full_key, full_value, pack, lengths, True, 0.3, window)
+    pack, query, full_key, full_value = _continuation([4, 6])
+    args = (query, full_key, full_value, pack, pack.key_lengths(), True, 0.3, window)
     torch.testing.assert_close(packing._varlen(*args), packing._per_text(*args), atol=1e-6, rtol=1e-6)
 
 
@@ -126,17 +133,7 @@ def test_the_gpu_varlen_call_equals_attention_text_by_text(monkeypatch, window):
 def test_cpu_half_precision_continuations_attend_over_whole_buckets_of_keys(monkeypatch, window):
     """On a CPU, bf16 continuations attend over each text's keys padded (and masked) to a multiple of
     KEY_BUCKET, which keeps oneDNN's per-shape kernels few: the result is float32's within bf16 rounding."""
-    torch.manual_seed(0)
-    prefix = Pack([4, 70], keep=True)
-    pack = Pack([3, 2, 5, 1], prefix=prefix, prefix_of=[0, 1, 0, 1])
-    heads, kv_heads, dim, tokens = 4, 2, 8, sum(pack.lengths)
-    query = torch.randn(1, heads, tokens, dim)
-    key, value = torch.randn(1, kv_heads, tokens, dim), torch.randn(1, kv_heads, tokens, dim)
-    prefix_key, prefix_value = torch.randn(1, kv_heads, 74, dim), torch.randn(1, kv_heads, 74, dim)
-    index = pack.key_index(query.device)
-    full_key, full_value = (
-        torch.cat(t, dim=2)[:, :, index] for t in ((prefix_key, key), (prefix_value, value))
-    )
+    pack, query, full_key, full_value = _continuation([4, 70])
     lengths = pack.key_lengths()
     attention = F.scaled_dot_product_attention
     widths: list[int] = []
