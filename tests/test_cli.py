@@ -503,6 +503,37 @@ def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["report", "--dataset", "missing.parquet", "--debug"])
 
 
+def test_a_command_collects_garbage_less_often_and_skips_the_last_collection(
+    tiny_direction: Path, tmp_path: Path
+) -> None:
+    """In a fresh process (as the console script runs): the collections during the command see the raised
+    first threshold, the caller's thresholds come back, and at exit what is alive is frozen (the exit-time
+    collection skips it)."""
+    argv = ["annotate", "--direction", str(tiny_direction), "--limit", "8", "--output_dir", str(tmp_path)]
+    script = (
+        "import atexit, gc, json, sys\n"
+        "from legend_hf import cli\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"  # runs after main's own (LIFO)
+        "seen = []\n"
+        "gc.collect()\n"  # no collection due in the few allocations before main() raises the threshold
+        "gc.callbacks.append(lambda phase, info: seen.append(gc.get_threshold()[0]) if phase == 'start' else None)\n"
+        "before = gc.get_threshold()\n"
+        "code = cli.main(sys.argv[1:])\n"
+        "gc.callbacks.clear()\n"
+        "print(json.dumps([code, seen, gc.get_threshold() == before]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    code, seen, restored = json.loads(lines[-2])
+    assert code == 0 and restored
+    during = seen[:-1] if seen[-1] == 700 else seen  # one may come as main() puts the default (700) back
+    assert during and set(during) == {100_000}
+    assert lines[-1].startswith("frozen ") and int(lines[-1].split()[1]) > 100_000
+
+
 # ----- generation with a tiny random model ----------------------------------------------------------------
 
 
