@@ -14,7 +14,7 @@ for round in $(seq "$rounds"); do
     start=$(date +%s.%N)
     (cd "$out/$which" && PYTHONPATH=$checkout HF_HUB_OFFLINE=1 "$python" -m legend_hf.cli annotate > ../$which-$round.log 2>&1)
     end=$(date +%s.%N)
-    echo "$which round $round: $(echo "$end - $start" | bc) s wall, load $(cut -d' ' -f1 /proc/loadavg), $(grep -o 'in [0-9]* s' "$out/$which-$round.log") to annotate"
+    echo "$which round $round: $(echo "$end - $start" | bc) s wall, load $(cut -d' ' -f1 /proc/loadavg), $(grep -om1 'in [0-9]\+ s' "$out/$which-$round.log") to annotate"
   done
 done
 echo "logs: $out"

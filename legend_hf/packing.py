@@ -212,8 +212,7 @@ def attention(
     if legend_pack.prefix is not None:
         prefix_key, prefix_value = legend_pack.prefix.kv[id(module)]
         index = legend_pack.key_index(query.device)
-        key = torch.cat([prefix_key, key], dim=2)[:, :, index]
-        value = torch.cat([prefix_value, value], dim=2)[:, :, index]
+        key, value = _take(_cat(prefix_key, key), index), _take(_cat(prefix_value, value), index)
     if legend_pack.keep:  # each text's keys after its prefix's: what a continuation attends to
         legend_pack.kv[id(module)] = (key, value)
     causal = bool(getattr(module, "is_causal", True))
@@ -223,6 +222,18 @@ def attention(
     else:
         out = _per_text(query, key, value, legend_pack, key_lengths, causal, scaling, window)
     return out, None
+
+
+def _cat(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``(1, heads, tokens, dim)`` keys or values joined along the tokens, token-major (see :func:`_take`)."""
+    return torch.cat([before.transpose(1, 2), after.transpose(1, 2)], dim=1).transpose(1, 2)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, :, index]`` for ``(1, heads, tokens, dim)`` keys or values, gathered a whole token at a time: the
+    projections leave them token-major (a token's heads are one run in memory), where this is 4-6x faster on a
+    CPU than indexing each head's tokens (a probe: 75 us against 451 us for 3,000 of SmolLM2's keys)."""
+    return x.transpose(1, 2).index_select(1, index).transpose(1, 2)
 
 
 def _per_text(
@@ -251,7 +262,7 @@ def _per_text(
     widths = [k if mask is None else _round_up(k, bucket) for k, mask in zip(key_lengths, masks, strict=True)]
     if widths != list(key_lengths):
         index = pack.padded_key_index(key_lengths, widths, query.device)
-        key, value = key[:, :, index], value[:, :, index]
+        key, value = _take(key, index), _take(value, index)
     batch, heads, tokens, dim = query.shape
     out = query.new_empty(batch, tokens, heads, dim)  # written in the layout returned: no transposing copy
     q0 = k0 = 0
