@@ -43,7 +43,9 @@ tokenisation is timed everywhere; each row is the fastest of ``--repeats`` runs.
    and glibc's malloc defaults (``legend_hf.batching.retain_freed_memory`` off); on a CPU with several threads,
    batches in turn (one batch at a time, its ops on every thread, as before ``legend_hf.batching._run_pending``
    ran one batch per thread); on a CPU, masked attention in float32 over unpadded keys (continuations, as
-   before ``legend_hf.packing.KEY_BUCKET``); with
+   before ``legend_hf.packing.KEY_BUCKET``); keys and values of continuations gathered head by head
+   (``x[:, :, index]`` on the concatenated head-major keys, as before ``legend_hf.packing._take`` gathered
+   whole tokens); with
    ``--compile``, ``torch.compile`` of the bf16 bare base model (``dynamic=True``,
    ``torch._inductor.config.freezing = True``) over the raw forward's batches (steady state timed; the compile, i.e. the first passes, in the label); with ``--openvino``,
    the fp32 bare base model converted by ``openvino.convert_model`` and compiled with
@@ -135,6 +137,7 @@ VERDICTS: dict[str, str] = {
     "malloc defaults": "kept (retained)",
     "batches in turn": "kept (side by side)",
     "float32 masked attention": "kept (bf16, bucketed keys)",
+    "per-head gathers": "kept (whole tokens)",
     "torch.compile": "dropped (warm-up)",
     "OpenVINO": "dropped (no faster)",
 }
@@ -611,6 +614,11 @@ def worker_legend(spec: Row) -> Row:
             return per_text(query.float(), key.float(), value.float(), pack, lengths, *rest).to(query.dtype)
 
         legend_hf.packing._per_text = float32_masked  # type: ignore[assignment]
+    if options.pop("per_head_gathers", False):
+        import legend_hf.packing
+
+        legend_hf.packing._cat = lambda before, after: torch.cat([before, after], dim=2)
+        legend_hf.packing._take = lambda x, index: x[:, :, index]
     if spec["random"]:
         # A model object runs as it is unless a dtype is given: give the one legend-hf would pick.
         if not pure:
@@ -857,6 +865,13 @@ def legend_variants(
                 "float32 masked attention",
                 "masked attention in float32 over unpadded keys (continuations)",
                 {"float32_masked_attention": True},
+            )
+        )
+        levers.append(
+            (
+                "per-head gathers",
+                "continuation keys and values gathered head by head (not a whole token at a time)",
+                {"per_head_gathers": True},
             )
         )
         if threads > 1:
