@@ -54,6 +54,17 @@ class Reading:
     n: int
     hidden_size: int
     batches: list[tuple[list[int], dict[int, torch.Tensor]]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(
+        self, index: list[int], states: dict[int, torch.Tensor], on_batch: Callable[[int], object] | None
+    ) -> None:
+        """Keep a finished batch's states for texts ``index`` and report its size to ``on_batch``; batches may
+        finish on several threads at once (:func:`legend_hf.batching.run_batches`)."""
+        with self._lock:
+            self.batches.append((index, states))
+            if on_batch is not None:
+                on_batch(len(index))
 
     def result(self) -> dict[int, torch.Tensor]:
         """``{layer: (n, hidden)}`` fp32 on the CPU, in text order."""
@@ -155,13 +166,13 @@ class LayerReader:
         return {k: pool(v, mask, self.pooling) for k, v in states.items()}
 
     def forward_pack(self, texts: Sequence[Sequence[int]], pack: Pack) -> dict[int, torch.Tensor]:
-        """Unpooled states ``{layer: (tokens, hidden)}`` of ``texts`` run as one packed row."""
+        """Unpooled states ``{layer: (tokens, hidden)}`` of ``texts`` run as one packed row, inside
+        :meth:`_packed` (each read enters it once, for all its batches and threads)."""
         ids = torch.tensor([[t for text in texts for t in text]], dtype=torch.long)
         inputs: dict[str, Any] = {"position_ids": pack.position_ids(), "legend_pack": pack}
         if self._token_types:
             inputs["token_type_ids"] = torch.zeros_like(ids)
-        with packed_attention(self.model):
-            states = self.hidden(ids, **inputs)
+        states = self.hidden(ids, **inputs)
         return {k: v[0] for k, v in states.items()}
 
     def run_pack(
@@ -250,7 +261,6 @@ class LayerReader:
                 )
 
         with self._packed():  # for the whole read: threads must not swap it back midway
-            done = threading.Lock()  # batches may finish on several threads at once (batching.run_batches)
             root, root_sums, skip = (None, None, 0)
             if self.can_share_prefix:
                 root, root_sums, skip = self._root(input_ids, min(map(len, input_ids), default=1) - 1)
@@ -266,10 +276,7 @@ class LayerReader:
                     states = self.run_pack(texts, pack, root_sums)[0]
                 else:
                     states = self(*pad(texts, pad_id, padding_side))
-                with done:
-                    reading.batches.append(([index[i] for i in batch], states))
-                    if on_batch is not None:
-                        on_batch(len(batch))
+                reading.add([index[i] for i in batch], states, on_batch)
 
             run_batches(
                 [len(x) for x in input_ids],
@@ -342,7 +349,6 @@ class LayerReader:
         if not sharing:
             return
         with self._packed():  # for the whole read: threads must not swap it back midway
-            done = threading.Lock()  # batches may finish on several threads at once (batching.run_batches)
             # The beginning all prompts share runs once; each prompt keeps at least one token of its own.
             root, root_sums, skip = self._root(
                 [first[i] for i in sharing], min(shared[i] for i in sharing) - 1
@@ -359,12 +365,7 @@ class LayerReader:
                     [len(s) for s in suffixes], prefix=prefix, prefix_of=[*range(len(batch))] * 2
                 )
                 states = self.run_pack(suffixes, continuation, prefix_sums)[0]
-                with done:
-                    reading.batches.append(
-                        ([at_first[i] for i in batch] + [at_second[i] for i in batch], states)
-                    )
-                    if on_batch is not None:
-                        on_batch(2 * len(batch))
+                reading.add([at_first[i] for i in batch] + [at_second[i] for i in batch], states, on_batch)
 
             # Tokens each pair computes: its prompt once, both continuations.
             cost = [len(first[i]) + len(second[i]) - shared[i] - skip for i in sharing]
